@@ -1,0 +1,281 @@
+"""The config schema: one typed section per component, merged base.yaml -> experiment -> overrides.
+
+Every error raised here is a `ConfigError` naming the key and what would be accepted, so a bad
+config fails in seconds on the login node rather than after a queue wait.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+ARCHS = ("resnet32", "resnet32large", "resnet32wider", "resnet128")
+ACTIVATIONS = ("leaky_relu", "swish")
+PRECISIONS = ("fp32", "bf16", "fp16")
+BUFFER_DTYPES = ("uint8", "fp16")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and the fix."""
+
+
+@dataclass
+class RunConfig:
+    dir: Optional[str] = None  # default: runs/<name>
+    name: str = "ebm"
+    overwrite: bool = False  # start fresh in a run folder that already holds checkpoints
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet32"
+    filters: int = 128
+    in_channels: int = 3
+    resolution: int = 32
+    num_classes: int = 0  # 0 = unconditional
+    activation: str = "leaky_relu"
+    spectral_norm: bool = True
+
+
+@dataclass
+class SamplerConfig:
+    steps: int = 60
+    step_size: float = 10.0
+    noise: float = 0.005
+    grad_clip: Optional[float] = 0.01  # per-element clamp of dE/dx; null = none
+    compile: bool = False
+
+
+@dataclass
+class BufferConfig:
+    capacity: int = 10000  # per rank
+    fresh_fraction: float = 0.05
+    dtype: str = "uint8"
+
+
+@dataclass
+class DataConfig:
+    shards: str = "???"  # brace pattern, list file, or manifest.json
+    batch_size: int = 128  # per rank
+    workers: int = 2
+    shuffle_buffer: int = 1000
+    resampled: bool = True
+    flip: bool = False
+    random_resized_crop: bool = False
+    dequantize: bool = True
+    max_bad_fraction: float = 0.01
+    allow_pickle: bool = False
+    allow_pipe: bool = False
+    pin_memory: bool = True
+    prefetch: int = 2
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    beta1: float = 0.0
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    official_clip: bool = False  # per-element clip of g to 3*sqrt(v_hat)+0.1, as the IGEBM release
+    grad_clip: float = 0.0  # global-norm clip through DeepSpeed; 0 = off
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100000
+    alpha: float = 1.0
+    precision: str = "bf16"
+    zero_stage: int = 2
+    log_every: int = 10
+    sample_every: int = 500  # sample grid PNG (and MLflow image)
+    threads: int = 0  # torch intra-op threads per rank on CPU; 0 = cores / local ranks
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000
+    keep_last: int = 3
+    keep_every: int = 0  # also keep every M-th step forever; 0 = off
+    resume: str = "auto"  # auto | never | path to a checkpoint folder
+    async_buffer: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: Optional[str] = None  # default: sqlite:///<run parent>/mlflow.db
+    experiment: str = "ebmscale"
+    run_name: Optional[str] = None
+    every: int = 10
+    image_every: int = 500
+    chain_gif_every: int = 2000
+    system_metrics: bool = False
+
+
+@dataclass
+class LauncherConfig:
+    profile: Optional[str] = None
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int = 1  # CPU-only nodes
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    time_min: int = 60 * 24
+    cpus_per_task: int = 8
+    mem_gb: Optional[int] = None
+    signal_delay_s: int = 120
+    max_requeues: int = 50
+    additional_parameters: Dict[str, Any] = field(default_factory=dict)
+    setup: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+
+def _allowed_keys(node: Any, key: str) -> str:
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    try:
+        sub = OmegaConf.select(OmegaConf.structured(Config), parent) if parent else OmegaConf.structured(Config)
+        return ", ".join(sorted(sub.keys()))
+    except Exception:
+        return ""
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        hint = ""
+        if "not in" in msg or "Key" in msg and "not" in msg:
+            allowed = _allowed_keys(base, key)
+            hint = f"; allowed keys here: {allowed}" if allowed else ""
+        raise ConfigError(f"{source}: bad key '{key}': {msg}{hint}") from None
+
+
+def load_config(path: Optional[str | Path] = None, overrides: List[str] = ()) -> DictConfig:
+    """base.yaml -> experiment yaml -> `key=value` overrides, validated. Returns a typed DictConfig."""
+    cfg = OmegaConf.structured(Config)
+    base = CONFIG_DIR / "base.yaml"
+    if base.exists():
+        cfg = _merge(cfg, OmegaConf.load(base), str(base))
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file '{path}' does not exist; ship one from configs/ "
+                              f"({', '.join(p.name for p in sorted(CONFIG_DIR.glob('*.yaml')))})")
+        cfg = _merge(cfg, OmegaConf.load(path), str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value (e.g. train.steps=100)")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Value checks the type system cannot express. Raises ConfigError naming the key."""
+    missing = OmegaConf.missing_keys(cfg)
+    if missing:
+        k = sorted(missing)[0]
+        raise ConfigError(f"{k}: required but not set; give it in the config or as {k}=VALUE")
+    m, s, b, d, o, t, c = cfg.model, cfg.sampler, cfg.buffer, cfg.data, cfg.optim, cfg.train, cfg.checkpoint
+    _check(m.arch in ARCHS, "model.arch", f"unknown architecture '{m.arch}'; allowed: {', '.join(ARCHS)}")
+    _check(m.activation in ACTIVATIONS, "model.activation",
+           f"unknown activation '{m.activation}'; allowed: {', '.join(ACTIVATIONS)}")
+    _check(m.filters > 0, "model.filters", f"must be > 0, got {m.filters}")
+    _check(m.in_channels in (1, 3), "model.in_channels", f"must be 1 or 3, got {m.in_channels}")
+    _check(m.num_classes >= 0, "model.num_classes", f"must be >= 0 (0 = unconditional), got {m.num_classes}")
+    n_down = {"resnet32": 3, "resnet32large": 3, "resnet32wider": 3, "resnet128": 5}[m.arch]
+    _check(m.resolution > 0 and m.resolution % (2 ** n_down) == 0, "model.resolution",
+           f"{m.arch} downsamples {n_down} times, so the resolution must be a positive multiple of "
+           f"{2 ** n_down}; got {m.resolution}")
+    _check(s.steps >= 0, "sampler.steps", f"must be >= 0, got {s.steps}")
+    _check(s.step_size > 0, "sampler.step_size", f"must be > 0, got {s.step_size}")
+    _check(s.noise >= 0, "sampler.noise", f"must be >= 0, got {s.noise}")
+    _check(s.grad_clip is None or s.grad_clip > 0, "sampler.grad_clip", f"must be > 0 or null, got {s.grad_clip}")
+    _check(b.dtype in BUFFER_DTYPES, "buffer.dtype", f"unknown '{b.dtype}'; allowed: {', '.join(BUFFER_DTYPES)}")
+    _check(0.0 <= b.fresh_fraction <= 1.0, "buffer.fresh_fraction", f"must be in [0, 1], got {b.fresh_fraction}")
+    _check(d.batch_size > 0, "data.batch_size", f"must be > 0, got {d.batch_size}")
+    _check(b.capacity >= d.batch_size, "buffer.capacity",
+           f"the buffer ({b.capacity}) must hold at least one batch (data.batch_size={d.batch_size})")
+    _check(d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}")
+    _check(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", f"must be in [0, 1], got {d.max_bad_fraction}")
+    _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {d.shuffle_buffer}")
+    _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
+    _check(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = off), got {o.grad_clip}")
+    _check(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
+    _check(t.alpha >= 0, "train.alpha", f"must be >= 0, got {t.alpha}")
+    _check(t.precision in PRECISIONS, "train.precision", f"unknown '{t.precision}'; allowed: {', '.join(PRECISIONS)}")
+    _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
+    for k in ("log_every", "sample_every"):
+        _check(t[k] > 0, f"train.{k}", f"must be > 0, got {t[k]}")
+    _check(t.threads >= 0, "train.threads", f"must be >= 0, got {t.threads}")
+    _check(c.every > 0, "checkpoint.every", f"must be > 0, got {c.every}")
+    _check(c.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1 (the latest is always kept), got {c.keep_last}")
+    _check(c.keep_every >= 0, "checkpoint.keep_every", f"must be >= 0, got {c.keep_every}")
+    for k in ("every", "image_every", "chain_gif_every"):
+        _check(cfg.tracking[k] > 0, f"tracking.{k}", f"must be > 0, got {cfg.tracking[k]}")
+    lc = cfg.launcher
+    _check(lc.nodes >= 1, "launcher.nodes", f"must be >= 1, got {lc.nodes}")
+    _check(lc.gpus_per_node >= 0, "launcher.gpus_per_node", f"must be >= 0, got {lc.gpus_per_node}")
+    _check(lc.tasks_per_node >= 1, "launcher.tasks_per_node", f"must be >= 1, got {lc.tasks_per_node}")
+    _check(lc.time_min > 0, "launcher.time_min", f"must be > 0 minutes, got {lc.time_min}")
+    _check(lc.max_requeues >= 0, "launcher.max_requeues", f"must be >= 0, got {lc.max_requeues}")
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / cfg.run.name
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def flatten(cfg: DictConfig, prefix: str = "") -> Dict[str, Any]:
+    """{'model.arch': 'resnet32', ...} for MLflow params."""
+    out: Dict[str, Any] = {}
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    for k, v in container.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def from_yaml_file(path: str | Path) -> DictConfig:
+    """Re-load a resolved config.yaml written to a run folder (no base merge: it is complete)."""
+    cfg = _merge(OmegaConf.structured(Config), OmegaConf.load(path), str(path))
+    validate(cfg)
+    return cfg
+
+
+__all__ = [f.name for f in dataclasses.fields(Config)]
