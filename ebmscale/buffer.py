@@ -1,0 +1,103 @@
+"""The replay buffer: one shard per rank, a fixed-capacity ring of past Langevin samples.
+
+Storage is preallocated tensors (uint8 with dequantization noise on reuse, as the IGEBM
+release, or fp16), so push and sample cost O(batch) whatever the capacity.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class ReplayBuffer:
+    def __init__(self, capacity: int, shape: tuple, num_classes: int = 0, dtype: str = "uint8",
+                 fresh_fraction: float = 0.05, device: str | torch.device = "cpu"):
+        self.capacity, self.shape, self.num_classes = capacity, tuple(shape), num_classes
+        self.dtype, self.fresh_fraction = dtype, fresh_fraction
+        store = torch.uint8 if dtype == "uint8" else torch.float16
+        self.images = torch.zeros((capacity, *self.shape), dtype=store, device=device)
+        self.labels = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.born = torch.zeros(capacity, dtype=torch.long, device=device)  # step of the chain's start
+        self.size = 0
+        self.ptr = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dtype == "uint8":
+            return (x * 256.0).floor().clamp(0, 255).to(torch.uint8)  # decode adds U(0,1): unbiased
+        return x.to(torch.float16)
+
+    def _decode(self, v: torch.Tensor) -> torch.Tensor:
+        if self.dtype == "uint8":
+            return (v.float() + torch.rand(v.shape, device=v.device)) / 256.0
+        return v.float()
+
+    def push(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, born: Optional[torch.Tensor] = None) -> None:
+        n = x.shape[0]
+        if n > self.capacity:
+            x, n = x[-self.capacity:], self.capacity
+            y = None if y is None else y[-self.capacity:]
+            born = None if born is None else born[-self.capacity:]
+        idx = (self.ptr + torch.arange(n, device=self.images.device)) % self.capacity
+        self.images[idx] = self._encode(x.detach().to(self.images.device))
+        self.labels[idx] = 0 if y is None else y.to(self.labels.device)
+        self.born[idx] = 0 if born is None else born.to(self.born.device)
+        self.ptr = (self.ptr + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, self.size, (n,), device=self.images.device)
+        return self._decode(self.images[idx]), self.labels[idx].clone(), self.born[idx].clone()
+
+    def init_chains(self, n: int, step: int, device: torch.device | str = "cpu"):
+        """Chain starts: `fresh_fraction` uniform noise with random labels, the rest from the buffer
+        (all noise while it holds less than one batch). Returns (x fp32, labels, fresh mask, born)."""
+        noise = torch.rand((n, *self.shape), device=device)
+        labels = torch.randint(0, max(self.num_classes, 1), (n,), device=device)
+        born = torch.full((n,), step, dtype=torch.long, device=device)
+        if self.size < n:
+            return noise, labels, torch.ones(n, dtype=torch.bool, device=device), born
+        fresh = torch.rand(n, device=device) < self.fresh_fraction
+        bx, by, bb = (t.to(device) for t in self.sample(n))
+        keep = ~fresh
+        x = torch.where(keep.view(-1, *[1] * len(self.shape)), bx, noise)
+        return x, torch.where(keep, by, labels), fresh, torch.where(keep, bb, born)
+
+    def state_dict(self) -> dict:
+        """Only the filled part, oldest first, so shards can be merged and re-split across world sizes."""
+        order = torch.arange(self.size) if self.size < self.capacity else \
+            (self.ptr + torch.arange(self.capacity)) % self.capacity
+        return {"images": self.images[order].cpu(), "labels": self.labels[order].cpu(),
+                "born": self.born[order].cpu(), "dtype": self.dtype, "shape": self.shape}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if tuple(sd["shape"]) != self.shape or sd["dtype"] != self.dtype:
+            raise ValueError(f"buffer shard holds {sd['dtype']} {tuple(sd['shape'])} samples; this run expects "
+                             f"{self.dtype} {self.shape} (buffer.dtype / model.resolution / model.in_channels)")
+        self.size, self.ptr = 0, 0
+        self.images.zero_()
+        n = sd["images"].shape[0]
+        if n > self.capacity:
+            raise ValueError(f"buffer shard holds {n} samples, more than buffer.capacity={self.capacity}")
+        self.images[:n] = sd["images"].to(self.images.device)
+        self.labels[:n] = sd["labels"].to(self.labels.device)
+        self.born[:n] = sd["born"].to(self.born.device)
+        self.size, self.ptr = n, n % self.capacity
+
+
+def reshard(shards: list[dict], world_size: int, rank: int, capacity: int) -> tuple[dict, int]:
+    """This rank's share when `len(shards)` buffer shards are resumed on `world_size` ranks.
+    Every sample goes to exactly one rank (round-robin over the concatenation); if the new shard
+    would exceed `capacity`, the oldest are dropped and their number returned."""
+    images = torch.cat([s["images"] for s in shards])
+    labels = torch.cat([s["labels"] for s in shards])
+    born = torch.cat([s["born"] for s in shards])
+    born_order = torch.argsort(born, stable=True)  # oldest first, so capacity drops the oldest
+    mine = born_order[rank::world_size]
+    dropped = max(0, mine.numel() - capacity)
+    mine = mine[dropped:]
+    return ({"images": images[mine], "labels": labels[mine], "born": born[mine],
+             "dtype": shards[0]["dtype"], "shape": shards[0]["shape"]}, dropped)

@@ -1,0 +1,90 @@
+"""Langevin dynamics on any energy callable.
+
+Per step: x += N(0, noise^2); g = dE/dx (clamped to +-grad_clip when set); x -= step_size * g;
+x is clamped to [0, 1]. The chains stay fp32 whatever precision the energy runs in: a noise of
+0.005 is below bf16's resolution near 1.0, so only the energy's input is cast.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+EnergyFn = Callable[[torch.Tensor], torch.Tensor]  # x [N,C,H,W] fp32 -> energies [N]
+
+
+@dataclass
+class LangevinStats:
+    energy_start: torch.Tensor  # mean energy before the first step (0-dim, no sync taken)
+    energy_end: torch.Tensor
+    grad_abs: torch.Tensor  # mean |dE/dx| over the chain
+    step_change: torch.Tensor  # mean |x_t+1 - x_t| per pixel per step
+
+    def as_floats(self) -> dict:
+        return {k: float(v) for k, v in self.__dict__.items()}
+
+
+def langevin(energy: EnergyFn, x: torch.Tensor, steps: int, step_size: float, noise: float,
+             grad_clip: Optional[float] = None, clamp: bool = True, mask: Optional[torch.Tensor] = None,
+             frames: Optional[List[torch.Tensor]] = None, frame_every: int = 0,
+             generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, LangevinStats]:
+    """Run `steps` Langevin steps from `x` (not modified). `mask` (1 = free pixel) restricts the
+    moves, for inpainting. `frames` collects detached snapshots every `frame_every` steps."""
+    x = x.detach().float().clone()
+    x0 = x.clone()
+    grad_abs = x.new_zeros(())
+    e_start = e_end = x.new_zeros(())
+    for t in range(steps):
+        if noise > 0:
+            eps = torch.randn(x.shape, device=x.device, generator=generator) if generator is not None \
+                else torch.randn_like(x)
+            x = x + noise * (eps if mask is None else eps * mask)
+        x.requires_grad_(True)
+        e = energy(x)
+        (g,) = torch.autograd.grad(e.sum(), x)
+        x = x.detach()
+        g = g.float()
+        if grad_clip is not None:
+            g = g.clamp(-grad_clip, grad_clip)
+        if mask is not None:
+            g = g * mask
+        x = x - step_size * g
+        if clamp:
+            x = x.clamp(0.0, 1.0)
+        grad_abs = grad_abs + g.abs().mean().detach()
+        if t == 0:
+            e_start = e.detach().float().mean()
+        e_end = e.detach().float().mean()
+        if frames is not None and frame_every and t % frame_every == 0:
+            frames.append(x.detach().cpu())
+    n = max(steps, 1)
+    stats = LangevinStats(e_start, e_end, grad_abs / n, (x - x0).abs().mean() / n)
+    return x, stats
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module):
+    """Parameters frozen and spectral-norm weights computed once, for the whole sampling call."""
+    flags = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()  # no power iteration per Langevin step; the training forward keeps updating it
+    try:
+        with parametrize.cached():
+            yield model
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
+def model_energy(model: nn.Module, labels: Optional[torch.Tensor], dtype: torch.dtype) -> EnergyFn:
+    """An energy callable over a bare module (never a DeepSpeed engine): fp32 chains, `dtype` compute."""
+    def energy(x: torch.Tensor) -> torch.Tensor:
+        return model(x.to(dtype), labels).float()
+    return energy

@@ -1,0 +1,195 @@
+"""Checkpoints that count only once committed.
+
+Layout of `RUN/checkpoints/step_000500/`:
+  DeepSpeed's files (model + ZeRO optimizer shards, written by every rank)
+  rank_00000.pt ...  per-rank state: replay-buffer shard, RNG states, data-stream position
+  trainer.json       step, world size, tracking run id, config (rank 0)
+  COMMITTED          written last by rank 0, after every rank's files are complete (barrier)
+`RUN/checkpoints/latest` names the newest committed folder and moves only after the commit.
+A folder without COMMITTED is a partial save (a crash mid-write): it is never resumed and is
+removed on the next start.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+COMMIT = "COMMITTED"
+
+
+def tag(step: int) -> str:
+    return f"step_{step:09d}"
+
+
+def committed(folder: Path) -> bool:
+    return (folder / COMMIT).exists()
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Committed checkpoint folders, oldest first."""
+    if not root.exists():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and committed(p)),
+                  key=lambda p: int(p.name.split("_")[1]))
+
+
+def latest(root: Path) -> Optional[Path]:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast(obj, src: int = 0):
+    """Rank 0 decides (e.g. which checkpoint to resume), everyone agrees."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_file(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Checkpointer:
+    """Saves, commits, prunes and finds checkpoints. `save` returns after DeepSpeed's files and a
+    snapshot of the per-rank state; the per-rank file is written on a background thread and the
+    commit (barrier + marker) happens at `commit()`, which the trainer calls at the next step
+    boundary (or at once when stopping), so a large buffer does not stall training."""
+
+    def __init__(self, root: Path, cfg, rank: int, world_size: int):
+        self.root, self.cfg, self.rank, self.world_size = Path(root), cfg, rank, world_size
+        self._pending: Optional[tuple[Path, dict, threading.Thread]] = None
+        self._error: list[BaseException] = []
+        self.last_save_s = 0.0
+
+    # ---- finding ------------------------------------------------------------------------------
+    def resume_target(self) -> Optional[Path]:
+        """Rank 0 resolves `checkpoint.resume` (auto | never | path) and cleans partial saves."""
+        target = None
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for p in self.root.iterdir():
+                if p.is_dir() and p.name.startswith("step_") and not committed(p):
+                    print(f"[ebmscale] removing partial checkpoint {p} (no {COMMIT} marker)", flush=True)
+                    shutil.rmtree(p, ignore_errors=True)
+            mode = self.cfg.resume
+            if mode == "auto":
+                target = latest(self.root)
+            elif mode != "never":
+                target = Path(mode)
+                if not committed(target):
+                    raise FileNotFoundError(f"checkpoint.resume={mode}: not a committed checkpoint folder "
+                                            f"(missing {target / COMMIT})")
+            target = str(target) if target else None
+        target = broadcast(target)
+        return Path(target) if target else None
+
+    # ---- saving -------------------------------------------------------------------------------
+    def save(self, engine, step: int, rank_state: dict, trainer_state: dict) -> Path:
+        self.commit()  # at most one save in flight
+        t0 = time.perf_counter()
+        folder = self.root / tag(step)
+        engine.save_checkpoint(str(self.root), tag=tag(step), save_latest=False)
+        if self.rank == 0:
+            _atomic_write(folder / "trainer.json", json.dumps(trainer_state, indent=1, default=str))
+        rank_state = {**rank_state, "rng": rng_state()}
+        if self.cfg.async_buffer:
+            thread = threading.Thread(target=self._write_rank_file, args=(folder, rank_state), daemon=True)
+            thread.start()
+        else:
+            self._write_rank_file(folder, rank_state)
+            thread = None
+        self._pending = (folder, trainer_state, thread)
+        self.last_save_s = time.perf_counter() - t0
+        return folder
+
+    def _write_rank_file(self, folder: Path, state: dict) -> None:
+        try:
+            _save_file(state, folder / f"rank_{self.rank:05d}.pt")
+        except BaseException as e:  # surfaced at commit time, never lost silently
+            self._error.append(e)
+
+    def commit(self) -> Optional[Path]:
+        """Every rank's files complete -> barrier -> rank 0 writes COMMITTED, moves `latest`, prunes."""
+        if self._pending is None:
+            return None
+        folder, _, thread = self._pending
+        self._pending = None
+        if thread is not None:
+            thread.join()
+        if self._error:
+            raise RuntimeError(f"writing {folder}/rank_{self.rank:05d}.pt failed") from self._error.pop()
+        _barrier()
+        if self.rank == 0:
+            missing = [r for r in range(self.world_size) if not (folder / f"rank_{r:05d}.pt").exists()]
+            if missing:
+                raise RuntimeError(f"checkpoint {folder} lacks the files of ranks {missing}; not committed")
+            _atomic_write(folder / COMMIT, json.dumps({"step": int(folder.name.split('_')[1]),
+                                                       "world_size": self.world_size, "time": time.time()}))
+            _atomic_write(self.root / "latest", folder.name + "\n")
+            self.prune()
+        _barrier()
+        return folder
+
+    def prune(self) -> None:
+        found = list_checkpoints(self.root)
+        keep = set(found[-self.cfg.keep_last:])
+        if self.cfg.keep_every:
+            keep |= {p for p in found if int(p.name.split("_")[1]) % self.cfg.keep_every == 0}
+        for p in found:
+            if p not in keep:
+                shutil.rmtree(p, ignore_errors=True)
+
+    # ---- loading ------------------------------------------------------------------------------
+    @staticmethod
+    def read_trainer_state(folder: Path) -> dict:
+        return json.loads((folder / "trainer.json").read_text())
+
+    @staticmethod
+    def read_rank_files(folder: Path) -> list[dict]:
+        files = sorted(folder.glob("rank_*.pt"))
+        return [torch.load(f, map_location="cpu", weights_only=False, mmap=True) for f in files]

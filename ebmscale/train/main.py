@@ -1,0 +1,196 @@
+"""main(cfg): build the components, resume if there is something to resume, train.
+
+Runs the same under the launcher (submitit, local or SLURM), torchrun, srun or plain python:
+    python -m ebmscale.train.main configs/digits.yaml train.steps=100
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from ebmscale import distributed
+from ebmscale.buffer import ReplayBuffer, reshard
+from ebmscale.config import ConfigError, flatten, from_yaml_file, run_dir, to_yaml
+from ebmscale.data import build_stream
+from ebmscale.models import build_model
+from ebmscale.tracking import build_tracker, pictures
+from ebmscale.train import stop
+from ebmscale.train.checkpoint import Checkpointer, broadcast, set_rng_state
+from ebmscale.train.ds_config import build_ds_config
+from ebmscale.train.optim import build_optimizer
+from ebmscale.train.trainer import Trainer
+
+# keys that must not change when a run folder is resumed: they change what the checkpoint means
+FROZEN_KEYS = ("model", "buffer.dtype")
+
+
+def log(msg: str) -> None:
+    print(f"[ebmscale] {msg}", flush=True)
+
+
+def prepare_run_dir(cfg, out: Path) -> None:
+    """Rank 0: write config.yaml; refuse a silent restart over someone's checkpoints."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    ckpts = out / "checkpoints"
+    has_ckpt = ckpts.exists() and any(ckpts.glob("step_*/COMMITTED"))
+    if has_ckpt and cfg.checkpoint.resume == "never":
+        if not cfg.run.overwrite:
+            raise ConfigError(f"run.dir={out} already holds checkpoints and checkpoint.resume=never; resume "
+                              f"(checkpoint.resume=auto), pick another run.dir, or set run.overwrite=true "
+                              f"to start fresh (old checkpoints are moved aside, not deleted)")
+        aside = out / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir()
+        for name in ("checkpoints", "tracking.json", "samples"):
+            if (out / name).exists():
+                shutil.move(str(out / name), str(aside / name))
+        log(f"run.overwrite: previous checkpoints moved to {aside}")
+    saved = out / "config.yaml"
+    if saved.exists() and has_ckpt and cfg.checkpoint.resume != "never":
+        old = from_yaml_file(saved)
+        for key in FROZEN_KEYS:
+            a, b = OmegaConf.select(old, key), OmegaConf.select(cfg, key)
+            if a != b:
+                raise ConfigError(f"{key} differs from the run being resumed in {out} ({a} -> {b}); "
+                                  f"use a new run.dir for a different model")
+    (out / "config.yaml").write_text(to_yaml(cfg))
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def all_hosts() -> str:
+    host = socket.gethostname()
+    if not dist.is_initialized():
+        return host
+    hosts = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, host)
+    return ",".join(sorted(set(hosts)))
+
+
+def to_universal(folder: Path, rank: int) -> Path:
+    """ZeRO optimizer shards -> DeepSpeed's universal checkpoint (world-size independent)."""
+    out = folder.parent / f"{folder.name}_universal"
+    if rank == 0 and not (out / "COMPLETE").exists():
+        log(f"converting {folder.name} to a universal checkpoint for a new world size")
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder),
+               "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1",
+               "--inject_missing_state"]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        (out / "COMPLETE").touch()
+    if dist.is_initialized():
+        dist.barrier()
+    return out
+
+
+def restore(trainer: Trainer, engine, buffer: ReplayBuffer, stream, folder: Path, load_dir: Path,
+            rank: int, world_size: int, seed: int) -> None:
+    state = Checkpointer.read_trainer_state(folder)
+    engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name, load_lr_scheduler_states=False)
+    trainer.load_state_dict(state)
+    files = sorted(folder.glob("rank_*.pt"))
+    if state["world_size"] == world_size:
+        mine = torch.load(files[rank], map_location="cpu", weights_only=False, mmap=True)
+        buffer.load_state_dict(mine["buffer"])
+        stream.load_state_dict(mine["stream"])
+        set_rng_state(mine["rng"])
+        log(f"rank {rank}: resumed step {trainer.step} from {folder}")
+        return
+    shards = [torch.load(f, map_location="cpu", weights_only=False, mmap=True) for f in files]
+    share, dropped = reshard([s["buffer"] for s in shards], world_size, rank, buffer.capacity)
+    buffer.load_state_dict(share)
+    stream.load_state_dict(shards[0]["stream"])
+    torch.manual_seed(seed + 7919 * rank + trainer.step)
+    note = f"; {dropped} oldest samples did not fit buffer.capacity" if dropped else ""
+    log(f"rank {rank}: resumed step {trainer.step} from {folder} written by {state['world_size']} ranks on "
+        f"{world_size}: buffer re-sharded ({len(buffer)} samples here{note}), optimizer via universal checkpoint")
+
+
+def main(cfg) -> stop.Outcome:
+    d = distributed.init()
+    torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // d.local_world_size))
+    out = run_dir(cfg).resolve()
+    if d.rank == 0:
+        prepare_run_dir(cfg, out)
+    if dist.is_initialized():
+        dist.barrier()
+    ckpt = Checkpointer(out / "checkpoints", cfg.checkpoint, d.rank, d.world_size)
+    resume = ckpt.resume_target()
+    prev = Checkpointer.read_trainer_state(resume) if resume else None
+
+    torch.manual_seed(cfg.run.seed + d.rank)
+    model = build_model(cfg.model)
+    ds_cfg = build_ds_config(cfg, d.world_size)
+    load_dir = resume
+    if prev and prev["world_size"] != d.world_size and cfg.train.zero_stage > 0:
+        load_dir = to_universal(resume, d.rank)
+        ds_cfg["checkpoint"] = {"load_universal": True}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim), config=ds_cfg)
+
+    m = cfg.model
+    buffer = ReplayBuffer(cfg.buffer.capacity, (m.in_channels, m.resolution, m.resolution), m.num_classes,
+                          cfg.buffer.dtype, cfg.buffer.fresh_fraction, device=engine.device)
+    stream = build_stream(cfg.data, cfg.model, d.rank, d.world_size, cfg.run.seed)
+    run_id = (prev or {}).get("tracking", {}).get("run_id")
+    tracker = build_tracker(cfg.tracking, out, d.rank, run_id, cfg.run.name)
+    trainer = Trainer(cfg, engine, buffer, stream, tracker, ckpt, d.rank, d.world_size, out, pictures)
+    if resume:
+        restore(trainer, engine, buffer, stream, resume, load_dir, d.rank, d.world_size, cfg.run.seed)
+    hosts = all_hosts()
+    tags = {"world_size": d.world_size, "hosts": hosts, "git_commit": git_commit(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), "resumed_from_step": trainer.step}
+    params = {**flatten(cfg), **{f"deepspeed.{k}": v for k, v in flatten(OmegaConf.create(ds_cfg)).items()}}
+    tracker.start(params, out / "config.yaml", tags)
+    if d.rank == 0:
+        log(f"run folder {out}; step {trainer.step}/{cfg.train.steps}; world size {d.world_size}; "
+            f"MLflow run {tracker.run_id} at {tracker.tracking_uri}")
+    try:
+        outcome = trainer.fit()
+    except KeyboardInterrupt:
+        tracker.finish("KILLED")
+        raise
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    if outcome == stop.Outcome.COMPLETED:
+        tracker.finish("FINISHED")
+        if d.rank == 0:
+            log(f"completed {trainer.step} steps; run folder {out}")
+    else:
+        tracker.flush() if hasattr(tracker, "flush") else None
+    return outcome
+
+
+def cli(argv=None) -> int:
+    from ebmscale.config import load_config
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0].startswith("-"):
+        print("usage: python -m ebmscale.train.main CONFIG [key=value ...]", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args[0], args[1:])
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    stop.install_handlers()
+    outcome = main(cfg)
+    return 0 if outcome == stop.Outcome.COMPLETED else 3
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

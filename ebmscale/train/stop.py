@@ -1,0 +1,40 @@
+"""A stop request that a signal handler may set: no I/O, no collectives, just a flag.
+
+The trainer reads it at step boundaries, agrees on it across ranks (one all-reduce), writes a
+committed checkpoint and returns `Outcome.PREEMPTED`, so the launcher can requeue the job.
+"""
+import enum
+import signal
+import threading
+
+_reason: list = []
+_lock = threading.Lock()
+
+
+class Outcome(str, enum.Enum):
+    COMPLETED = "completed"
+    PREEMPTED = "preempted"  # checkpoint committed; resume by relaunching with the same run folder
+
+
+def request_stop(reason: str = "requested") -> None:
+    with _lock:
+        if not _reason:
+            _reason.append(reason)
+
+
+def stop_requested() -> bool:
+    return bool(_reason)
+
+
+def stop_reason() -> str:
+    return _reason[0] if _reason else ""
+
+
+def clear() -> None:
+    _reason.clear()
+
+
+def install_handlers(signals=(signal.SIGUSR1, signal.SIGTERM)) -> None:
+    """Turn these signals into a stop request (call from the main thread)."""
+    for sig in signals:
+        signal.signal(sig, lambda signum, _frame: request_stop(signal.Signals(signum).name))
