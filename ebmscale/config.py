@@ -115,7 +115,10 @@ class TrackingConfig:
     every: int = 10
     image_every: int = 500
     chain_gif_every: int = 2000
-    system_metrics: bool = False
+    system_metrics: bool = False  # CPU/disk/network/GPU metrics (psutil, pynvml) as system/* metrics
+    retry_s: float = 30.0  # while the store is down, retry the spooled backlog at most this often
+    flush_timeout_s: float = 60.0  # finish() waits this long for the backlog; the rest stays in run_dir/tracking_spool
+    upload_checkpoints: bool = False  # record_checkpoint also uploads the checkpoint as an artifact
 
 
 @dataclass
@@ -242,6 +245,9 @@ def validate(cfg: DictConfig) -> None:
     _check(c.keep_every >= 0, "checkpoint.keep_every", f"must be >= 0, got {c.keep_every}")
     for k in ("every", "image_every", "chain_gif_every"):
         _check(cfg.tracking[k] > 0, f"tracking.{k}", f"must be > 0, got {cfg.tracking[k]}")
+    _check(cfg.tracking.retry_s > 0, "tracking.retry_s", f"must be > 0 seconds, got {cfg.tracking.retry_s}")
+    _check(cfg.tracking.flush_timeout_s >= 0, "tracking.flush_timeout_s",
+           f"must be >= 0 seconds, got {cfg.tracking.flush_timeout_s}")
     lc = cfg.launcher
     _check(lc.nodes >= 1, "launcher.nodes", f"must be >= 1, got {lc.nodes}")
     _check(lc.gpus_per_node >= 0, "launcher.gpus_per_node", f"must be >= 0, got {lc.gpus_per_node}")

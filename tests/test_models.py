@@ -18,7 +18,7 @@ def randomize_conditioning(model):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.split(".")[-2:-1] in (["bias1"], ["bias2"], ["gain2"]) or name.endswith("res_scale"):
+            if name.rsplit(".", 2)[-2] in ("bias1", "bias2", "gain2") or name.endswith("res_scale"):
                 p.add_(0.5 * torch.randn(p.shape, generator=g))
 
 

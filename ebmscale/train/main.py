@@ -26,7 +26,7 @@ from ebmscale.models import build_model
 from ebmscale.tracking import build_tracker, pictures
 from ebmscale.train import stop
 from ebmscale.train.checkpoint import Checkpointer, broadcast, set_rng_state
-from ebmscale.train.ds_config import build_ds_config
+from ebmscale.train.ds_config import build_ds_config, compute_dtype
 from ebmscale.train.optim import build_optimizer
 from ebmscale.train.trainer import Trainer
 
@@ -134,7 +134,8 @@ def main(cfg) -> stop.Outcome:
     prev = Checkpointer.read_trainer_state(resume) if resume else None
 
     torch.manual_seed(cfg.run.seed + d.rank)
-    model = build_model(cfg.model)
+    # cast before DeepSpeed: it casts parameters but not the spectral-norm buffers (u, v)
+    model = build_model(cfg.model).to(compute_dtype(cfg.train.precision))
     ds_cfg = build_ds_config(cfg, d.world_size)
     load_dir = resume
     if prev and prev["world_size"] != d.world_size and cfg.train.zero_stage > 0:

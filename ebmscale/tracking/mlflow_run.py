@@ -1,0 +1,375 @@
+"""One MLflow run per training run, across any number of SLURM requeues, and never a reason to stop training.
+
+Rank 0 gets an `MlflowTracker`, every other rank a `NullTracker` with the same methods. A tracker call only
+appends to the local spool (spool.py) and returns; one background thread sends the spool in order. When
+the store does not answer, the thread warns once, retries at most every `tracking.retry_s` seconds and sends
+the backlog when it is back. `finish()` waits up to `tracking.flush_timeout_s` for it; whatever is still
+unsent is sent by the next tracker opened on the same run_dir, or by `python -m ebmscale.tracking.mlflow_run
+RUN_DIR`. If the store is down at `start()` the run is created when it comes back.
+
+Stores. `tracking.uri: null` means `sqlite:///<run_dir.parent>/mlflow.db` with artifacts in
+<run_dir.parent>/mlartifacts: right for a few runs on a local disk (MLflow 3 has no file store). Many
+concurrent runs on a shared filesystem (NFS, Lustre, GPFS: SQLite locking there is unreliable and slow) should
+share a tracking server instead, `tracking.uri: http://host:port`, started once with
+`mlflow server --host 0.0.0.0 --port 5000 --backend-store-uri sqlite:///<local disk>/mlflow.db (or postgresql://...)
+--artifacts-destination <dir>`; only the server then touches the database.
+
+Resuming. The run id is kept in run_dir/tracking.json and in the checkpoint (`state_dict()`); a new launch
+continues that run, increments its `restart_count` tag and logs its config as restarts/<n>/config.yaml.
+Metric steps at or below the last step already logged for a key are dropped (checked against the spool's
+record and the server's latest steps), so a run that goes back to its last checkpoint never logs a step twice.
+"""
+import functools
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+from ebmscale.tracking.spool import Spool
+
+PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE",
+             "BAD_REQUEST"}  # the store answered and said no: retrying would not help, so the record is dropped
+MAX_BATCH = 1000  # MLflow's log_batch limit on metrics (params and tags: 100)
+
+
+def _warn(msg: str) -> None:
+    print(f"[tracking] {msg}", file=sys.stderr, flush=True)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _permanent(e: Exception) -> bool:
+    from mlflow.exceptions import MlflowException
+    if isinstance(e, MlflowException):
+        return e.error_code in PERMANENT
+    return isinstance(e, (ValueError, TypeError, KeyError, FileNotFoundError))
+
+
+def _safe(fn):
+    @functools.wraps(fn)
+    def call(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except Exception as e:  # tracking never stops training
+            _warn(f"{fn.__name__} failed and was skipped: {e!r}")
+    return call
+
+
+def default_uri(run_dir: Path) -> str:
+    return f"sqlite:///{(Path(run_dir).resolve().parent / 'mlflow.db')}"
+
+
+class NullTracker:
+    """What ranks > 0 (and tracking.enabled: false) get."""
+    run_id = None
+    tracking_uri = ""
+
+    def start(self, params, config_yaml_path, tags): pass
+    def log_metrics(self, metrics, step): pass
+    def log_image(self, key, image, step): pass
+    def log_artifact(self, path, artifact_path=None): pass
+    def log_text(self, text, artifact_file): pass
+    def set_tags(self, tags): pass
+    def record_checkpoint(self, path, step): pass
+    def flush(self, timeout_s=None): return True
+    def finish(self, status="FINISHED"): pass
+    def state_dict(self): return {"run_id": None, "tracking_uri": None}
+
+
+class MlflowTracker:
+    def __init__(self, cfg, run_dir: Path, run_id: Optional[str], run_name: str):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # we retry ourselves, from the spool
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        import mlflow  # noqa: F401  (slow; only rank 0 pays, here rather than in the sender thread)
+        self.cfg, self.run_dir, self.run_name = cfg, Path(run_dir), run_name
+        self.tracking_uri = cfg.uri or default_uri(self.run_dir)
+        saved = self._load()
+        if saved.get("tracking_uri") not in (None, self.tracking_uri):
+            _warn(f"{self.run_dir}/tracking.json is for {saved['tracking_uri']}, now {self.tracking_uri}: new run")
+            saved = {}
+        if run_id and saved.get("run_id") not in (None, run_id):
+            _warn(f"checkpoint run id {run_id} != tracking.json's {saved['run_id']}; continuing {run_id}")
+        self._run_id = run_id or saved.get("run_id")
+        self.spool = Spool(self.run_dir / "tracking_spool")
+        self.steps: Dict[str, int] = self.spool.state.setdefault("steps", {})  # last step enqueued, per key
+        for _, r in self.spool.records(start=0):
+            for k in r.get("m", ()):
+                self.steps[k] = max(self.steps.get(k, -1), r["step"])
+        self._server_steps: Dict[str, int] = {}  # the run's latest steps as the store had them when (re)opened
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._thread = self._client = None
+        self._down = False
+        self._retry_at, self._sent, self._dropped = 0.0, 0, 0
+
+    @property
+    def run_id(self) -> Optional[str]:
+        return self._run_id
+
+    def state_dict(self) -> dict:
+        return {"run_id": self._run_id, "tracking_uri": self.tracking_uri}
+
+    # --- the training side: append to the spool, never touch the network
+
+    def _put(self, record: dict) -> None:
+        self.spool.append(record)
+        self._wake.set()
+
+    @_safe
+    def start(self, params: dict, config_yaml_path: Path, tags: dict) -> None:
+        self._save()
+        self._put({"op": "start", "run_name": self.run_name, "ts": _now_ms(),
+                   "params": {k: str(v)[:6000] for k, v in params.items()},
+                   "tags": {k: str(v) for k, v in tags.items()},
+                   "config": self.spool.stash(config_yaml_path) if config_yaml_path else None})
+        self._start_sender()
+        if self.cfg.system_metrics:
+            threading.Thread(target=self._system_metrics, daemon=True, name="tracking-system").start()
+
+    @_safe
+    def log_metrics(self, metrics: Dict[str, float], step: int) -> None:
+        step = int(step)
+        with self.spool.lock:
+            m = {k: float(v) for k, v in metrics.items() if step > self.steps.get(k, -1)}
+            if m:
+                self.steps.update(dict.fromkeys(m, step))
+                self._put({"op": "metrics", "m": m, "step": step, "ts": _now_ms()})
+
+    @_safe
+    def log_image(self, key: str, image, step: int) -> None:
+        from PIL import Image
+        path = self.spool.new_file("image.png")
+        Image.fromarray(image).save(path)
+        self._put({"op": "image", "key": key, "step": int(step), "ts": _now_ms(),
+                   "file": str(path.relative_to(self.spool.root))})
+
+    @_safe
+    def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
+        self._put({"op": "artifact", "file": self.spool.stash(path), "artifact_path": artifact_path})
+
+    @_safe
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._put({"op": "text", "text": text, "artifact_file": artifact_file})
+
+    @_safe
+    def set_tags(self, tags: dict) -> None:
+        self._put({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+
+    @_safe
+    def record_checkpoint(self, path: Path, step: int) -> None:
+        self.set_tags({"checkpoint.latest": str(Path(path).resolve()), "checkpoint.latest_step": int(step)})
+        self.log_metrics({"checkpoint.step": step}, step)
+        if self.cfg.upload_checkpoints:
+            self.log_artifact(path, "checkpoints")
+
+    def flush(self, timeout_s: Optional[float] = None) -> bool:
+        """Wait until the spool is sent (retrying every second meanwhile); False if it is not after timeout_s."""
+        self._start_sender()
+        deadline = time.monotonic() + (self.cfg.flush_timeout_s if timeout_s is None else timeout_s)
+        while self.spool.pending() and time.monotonic() < deadline:
+            self._retry_at = min(self._retry_at, time.monotonic() + 1.0)
+            self._wake.set()
+            time.sleep(0.05)
+        return not self.spool.pending()
+
+    @_safe
+    def finish(self, status: str = "FINISHED") -> None:
+        """The run really ended (not a requeue: then leave it RUNNING and just exit)."""
+        assert status in ("FINISHED", "FAILED", "KILLED"), status
+        self._put({"op": "end", "status": status, "ts": _now_ms()})
+        if not self.flush():
+            _warn(f"{self.spool.pending()} bytes of tracking records unsent, kept in {self.spool.root}; "
+                  f"send them with: python -m ebmscale.tracking.mlflow_run {self.run_dir}")
+        self._stop.set()
+        self._wake.set()
+        self.spool.compact()
+
+    # --- the sender thread
+
+    def _start_sender(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, daemon=True, name="tracking-sender")
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(max(0.0, self._retry_at - time.monotonic()) if self._down else None)
+            self._wake.clear()
+            if self._down and time.monotonic() < self._retry_at:
+                continue
+            try:
+                self._drain()
+            except Exception as e:
+                if not self._down:
+                    _warn(f"{self.tracking_uri} unreachable ({type(e).__name__}: {str(e)[:300]}); training goes on, "
+                          f"spooling to {self.spool.root} and retrying every {self.cfg.retry_s:g}s")
+                self._down, self._sent = True, 0
+                self._retry_at = time.monotonic() + self.cfg.retry_s
+                continue
+            if self._down:
+                _warn(f"{self.tracking_uri} is back; sent {self._sent} spooled records")
+            self._down = False
+
+    def _drain(self) -> None:
+        while batch := self.spool.records(limit=256):
+            i = 0
+            while i < len(batch):  # consecutive metrics records go as one log_batch
+                j, n = i + 1, len(batch[i][1].get("m", ()))
+                while (batch[i][1].get("op") == "metrics" and j < len(batch) and batch[j][1].get("op") == "metrics"
+                       and n + len(batch[j][1]["m"]) <= MAX_BATCH):
+                    n, j = n + len(batch[j][1]["m"]), j + 1
+                records = [r for _, r in batch[i:j]]
+                try:
+                    self._send(records)
+                except Exception as e:
+                    if not _permanent(e):
+                        raise
+                    self._dropped += 1
+                    if self._dropped <= 10 or self._dropped % 100 == 0:
+                        _warn(f"store rejected {records[0].get('op')} record (dropped #{self._dropped}): {e}")
+                for r in records:
+                    if "file" in r:
+                        self.spool.discard(r["file"])
+                self.spool.ack(batch[j - 1][0])
+                self._sent += len(records)
+                i = j
+
+    def _send(self, records: list) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.tracking import MlflowClient
+        c = self._client = self._client or MlflowClient(self.tracking_uri)
+        r, op = records[0], records[0].get("op")
+        if op == "start":
+            return self._open_run(c, r)
+        if self._run_id is None:
+            raise RuntimeError("no run yet")  # a spool whose start record went missing; keep it and retry
+        if op == "metrics":
+            ms = [Metric(k, v, q["ts"], q["step"]) for q in records for k, v in q["m"].items()
+                  if q["step"] > self._server_steps.get(k, -1)]
+            for i in range(0, len(ms), MAX_BATCH):
+                c.log_batch(self._run_id, metrics=ms[i:i + MAX_BATCH])
+        elif op == "tags":
+            tags = [RunTag(k, v) for k, v in r["tags"].items()]
+            for i in range(0, len(tags), 100):
+                c.log_batch(self._run_id, tags=tags[i:i + 100])
+        elif op == "image":
+            from PIL import Image
+            with Image.open(self.spool.root / r["file"]) as im:
+                c.log_image(self._run_id, im.convert("RGB"), key=r["key"], step=r["step"], timestamp=r["ts"])
+        elif op == "artifact":
+            path = self.spool.root / r["file"]
+            if path.is_dir():
+                dest = f"{r['artifact_path']}/{path.name}" if r["artifact_path"] else path.name
+                c.log_artifacts(self._run_id, str(path), dest)
+            else:
+                c.log_artifact(self._run_id, str(path), r["artifact_path"])
+        elif op == "text":
+            c.log_text(self._run_id, r["text"], r["artifact_file"])
+        elif op == "end":
+            c.set_terminated(self._run_id, r["status"], end_time=r["ts"])
+        else:
+            raise ValueError(f"unknown spool record {r}")
+
+    def _open_run(self, c, r: dict) -> None:
+        """Create the run, or continue it; safe to repeat after a failure part-way (restart_count is set last)."""
+        from mlflow.entities import Param, RunTag
+        from mlflow.exceptions import MlflowException
+        run = None
+        if self._run_id:
+            try:
+                run = c.get_run(self._run_id)
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                _warn(f"run {self._run_id} is not in {self.tracking_uri}; starting a new run")
+        if run is None:
+            run = c.create_run(self._experiment_id(c), start_time=r["ts"], run_name=r["run_name"])
+            self._run_id, old, restarts = run.info.run_id, {}, 0
+            self._save()
+        else:
+            if run.info.status != "RUNNING":
+                c.update_run(self._run_id, status="RUNNING")
+            old, restarts = run.data.params, int(run.data.tags.get("restart_count", -1)) + 1
+        self._server_steps = {m.key: m.step for m in run.data._metric_objs}  # latest step per key
+        changed = sorted(k for k, v in r["params"].items() if k in old and old[k] != v)
+        if changed:
+            _warn(f"params changed on resume, MLflow keeps the first values (see restarts/{restarts}/config.yaml): "
+                  f"{', '.join(changed)}")
+        params = [Param(k, v) for k, v in r["params"].items() if k not in old]
+        tags = [RunTag(k, v) for k, v in r["tags"].items()]
+        for i in range(0, max(len(params), len(tags)), 100):
+            c.log_batch(self._run_id, params=params[i:i + 100], tags=tags[i:i + 100])
+        if r.get("config"):
+            c.log_artifact(self._run_id, str(self.spool.root / r["config"]), f"restarts/{restarts}" if restarts else None)
+            self.spool.discard(r["config"])
+        c.set_tag(self._run_id, "restart_count", str(restarts))
+
+    def _experiment_id(self, c) -> str:
+        from mlflow.exceptions import MlflowException
+        exp = c.get_experiment_by_name(self.cfg.experiment)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                c.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        location = None
+        if self.tracking_uri.startswith("sqlite:///"):  # else artifacts would land in ./mlruns of the cwd
+            location = (Path(self.tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+        try:
+            return c.create_experiment(self.cfg.experiment, artifact_location=location)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":  # another run created it first
+                raise
+            return c.get_experiment_by_name(self.cfg.experiment).experiment_id
+
+    def _system_metrics(self) -> None:
+        """psutil/pynvml samples through the spool, so they survive outages and resumes like any metric."""
+        from mlflow.environment_variables import MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
+        from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+        from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+        from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
+        gpu = SystemMetricsMonitor._initialize_gpu_monitor(None)  # uses no state; NVIDIA, then ROCm, else None
+        monitors += [gpu] if gpu else []
+        step = max([s for k, s in self.steps.items() if k.startswith("system/")], default=-1) + 1
+        while not self._stop.wait(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.get() or 10):
+            values = {}
+            for m in monitors:
+                m.collect_metrics()
+                values.update(m.aggregate_metrics())
+                m.clear_metrics()
+            self.log_metrics({f"system/{k}": v for k, v in values.items()}, step)
+            step += 1
+
+    # --- run_dir/tracking.json
+
+    def _load(self) -> dict:
+        path = self.run_dir / "tracking.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def _save(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.run_dir / "tracking.json.tmp"
+        tmp.write_text(json.dumps({"run_id": self._run_id, "tracking_uri": self.tracking_uri,
+                                   "experiment": self.cfg.experiment}, indent=1) + "\n")
+        os.replace(tmp, self.run_dir / "tracking.json")
+
+
+def build_tracker(cfg, run_dir: Path, rank: int, run_id: Optional[str] = None, run_name_default: str = "ebm"):
+    """cfg is the `tracking` config section; run_id comes from the checkpoint's `state_dict()` when resuming."""
+    if rank != 0 or not cfg.enabled:
+        return NullTracker()
+    return MlflowTracker(cfg, run_dir, run_id, cfg.run_name or run_name_default)
+
+
+if __name__ == "__main__":  # send what a finished run left in its spool: python -m ebmscale.tracking.mlflow_run RUN_DIR
+    from ebmscale.config import TrackingConfig
+    run_dir = Path(sys.argv[1])
+    saved = json.loads((run_dir / "tracking.json").read_text())
+    tracker = MlflowTracker(TrackingConfig(uri=saved["tracking_uri"], experiment=saved["experiment"], retry_s=5),
+                            run_dir, saved["run_id"], run_dir.name)
+    sys.exit(0 if tracker.flush(timeout_s=float(sys.argv[2]) if len(sys.argv) > 2 else 600) else 1)

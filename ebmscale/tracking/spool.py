@@ -1,0 +1,116 @@
+"""A durable in-order queue of tracking calls: run_dir/tracking_spool/{spool.jsonl, cursor, state.json, files/}.
+
+Every tracker call is appended here first and sent from here, so an outage, a crash or a requeue loses
+nothing: whoever opens the same folder next sends what is left. spool.jsonl only grows until everything
+in it is sent; `cursor` is the byte offset of the first unsent record. `state` is a small dict the owner
+keeps in step with the records (written at compaction, so state.json + spool.jsonl always cover every
+record ever appended). Files are copied under files/ at call time, so the caller may overwrite them.
+"""
+import json
+import os
+import shutil
+import threading
+import uuid
+from pathlib import Path
+
+COMPACT_BYTES = 1 << 20  # truncate a fully sent spool once it is this big
+LINK_BYTES = 64 << 20  # hard-link (don't copy) files this big, e.g. checkpoints written once
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _link_or_copy(src, dst):
+    if os.path.getsize(src) >= LINK_BYTES:
+        try:
+            os.link(src, dst)
+            return dst
+        except OSError:
+            pass
+    return shutil.copy2(src, dst)
+
+
+class Spool:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        (self.root / "files").mkdir(parents=True, exist_ok=True)
+        self.path, self.state_path = self.root / "spool.jsonl", self.root / "state.json"
+        self.cursor_path = self.root / "cursor"
+        self.lock = threading.RLock()
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        self._f = open(self.path, "ab")
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):  # torn by a crash mid-append
+            self._f.truncate(data.rfind(b"\n") + 1)
+        self._f.seek(0, os.SEEK_END)
+        self.cursor = int(self.cursor_path.read_text()) if self.cursor_path.exists() else 0
+        if self.cursor > self._f.tell():  # crashed between truncating and rewinding the cursor
+            self.cursor = 0
+
+    def append(self, record: dict) -> None:
+        with self.lock:
+            self._f.write(json.dumps(record).encode() + b"\n")
+            self._f.flush()
+
+    def records(self, start: int = None, limit: int = None):
+        """[(end offset, record)] from byte `start` (default: the cursor); an unreadable line reads as {}."""
+        out = []
+        with self.lock, open(self.path, "rb") as f:
+            f.seek(self.cursor if start is None else start)
+            while limit is None or len(out) < limit:
+                line = f.readline()
+                if not line:
+                    break
+                try:
+                    out.append((f.tell(), json.loads(line)))
+                except ValueError:
+                    out.append((f.tell(), {}))
+        return out
+
+    def pending(self) -> int:
+        """Unsent bytes."""
+        with self.lock:
+            return self._f.tell() - self.cursor
+
+    def ack(self, offset: int) -> None:
+        """Everything before byte `offset` is sent."""
+        with self.lock:
+            self.cursor = offset
+            if offset == self._f.tell() and offset >= COMPACT_BYTES:
+                self.compact()
+            else:
+                _write_atomic(self.cursor_path, str(offset))
+
+    def compact(self) -> None:
+        with self.lock:
+            if self.pending():
+                return
+            _write_atomic(self.state_path, json.dumps(self.state))
+            self._f.truncate(0)
+            self._f.seek(0)
+            self.cursor = 0
+            _write_atomic(self.cursor_path, "0")
+
+    def new_file(self, name: str) -> Path:
+        path = self.root / "files" / uuid.uuid4().hex[:12] / name
+        path.parent.mkdir(parents=True)
+        return path
+
+    def stash(self, src: Path) -> str:
+        """Copy a file or folder into the spool; returns its path relative to the spool root."""
+        src = Path(src)
+        dst = self.new_file(src.name)
+        if src.is_dir():
+            shutil.copytree(src, dst, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(src, dst)
+        return str(dst.relative_to(self.root))
+
+    def discard(self, rel: str) -> None:
+        shutil.rmtree((self.root / rel).parent, ignore_errors=True)
+
+    def close(self) -> None:
+        self._f.close()
