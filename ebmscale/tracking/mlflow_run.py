@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Dict, Optional
 
+import numpy as np
+
 from ebmscale.tracking.spool import Spool
 
 PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE",
@@ -89,20 +91,24 @@ class MlflowTracker:
         self.cfg, self.run_dir, self.run_name = cfg, Path(run_dir), run_name
         self.tracking_uri = cfg.uri or default_uri(self.run_dir)
         saved = self._load()
+        spool_dir = self.run_dir / "tracking_spool"
         if saved.get("tracking_uri") not in (None, self.tracking_uri):
             _warn(f"{self.run_dir}/tracking.json is for {saved['tracking_uri']}, now {self.tracking_uri}: new run")
             saved = {}
+            if spool_dir.exists():  # its records belong to the old store's run
+                spool_dir.rename(spool_dir.with_name(f"tracking_spool.orphaned-{int(time.time())}"))
         if run_id and saved.get("run_id") not in (None, run_id):
             _warn(f"checkpoint run id {run_id} != tracking.json's {saved['run_id']}; continuing {run_id}")
         self._run_id = run_id or saved.get("run_id")
-        self.spool = Spool(self.run_dir / "tracking_spool")
+        self.spool = Spool(spool_dir)
         self.steps: Dict[str, int] = self.spool.state.setdefault("steps", {})  # last step enqueued, per key
         for _, r in self.spool.records(start=0):
-            for k in r.get("m", ()):
+            for k in list(r.get("m", ())) + ([f"image:{r['key']}"] if r.get("op") == "image" else []):
                 self.steps[k] = max(self.steps.get(k, -1), r["step"])
         self._server_steps: Dict[str, int] = {}  # the run's latest steps as the store had them when (re)opened
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread = self._client = None
+        self._started = False
         self._down = False
         self._retry_at, self._sent, self._dropped = 0.0, 0, 0
 
@@ -116,16 +122,19 @@ class MlflowTracker:
     # --- the training side: append to the spool, never touch the network
 
     def _put(self, record: dict) -> None:
+        if not self._started and self._run_id is None:
+            raise RuntimeError("call start() first")  # else the record would wait forever for a run
         self.spool.append(record)
         self._wake.set()
 
     @_safe
     def start(self, params: dict, config_yaml_path: Path, tags: dict) -> None:
         self._save()
+        self._started = True
+        config = config_yaml_path and Path(config_yaml_path).exists() and self.spool.stash(config_yaml_path)
         self._put({"op": "start", "run_name": self.run_name, "ts": _now_ms(),
                    "params": {k: str(v)[:6000] for k, v in params.items()},
-                   "tags": {k: str(v) for k, v in tags.items()},
-                   "config": self.spool.stash(config_yaml_path) if config_yaml_path else None})
+                   "tags": {k: str(v) for k, v in tags.items()}, **({"file": config} if config else {})})
         self._start_sender()
         if self.cfg.system_metrics:
             threading.Thread(target=self._system_metrics, daemon=True, name="tracking-system").start()
@@ -134,16 +143,26 @@ class MlflowTracker:
     def log_metrics(self, metrics: Dict[str, float], step: int) -> None:
         step = int(step)
         with self.spool.lock:
-            m = {k: float(v) for k, v in metrics.items() if step > self.steps.get(k, -1)}
+            m = {k: float(v) for k, v in metrics.items() if self._fresh(k, step)}
             if m:
-                self.steps.update(dict.fromkeys(m, step))
                 self._put({"op": "metrics", "m": m, "step": step, "ts": _now_ms()})
+
+    def _fresh(self, key: str, step: int) -> bool:
+        """True (and remembered) if `step` is past the last one logged for `key`."""
+        with self.spool.lock:
+            if step <= self.steps.get(key, -1):
+                return False
+            self.steps[key] = step
+            return True
 
     @_safe
     def log_image(self, key: str, image, step: int) -> None:
         from PIL import Image
+        image = np.asarray(image)
+        if not self._fresh(f"image:{key}", int(step)):
+            return
         path = self.spool.new_file("image.png")
-        Image.fromarray(image).save(path)
+        Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image).save(path)
         self._put({"op": "image", "key": key, "step": int(step), "ts": _now_ms(),
                    "file": str(path.relative_to(self.spool.root))})
 
@@ -303,9 +322,8 @@ class MlflowTracker:
         tags = [RunTag(k, v) for k, v in r["tags"].items()]
         for i in range(0, max(len(params), len(tags)), 100):
             c.log_batch(self._run_id, params=params[i:i + 100], tags=tags[i:i + 100])
-        if r.get("config"):
-            c.log_artifact(self._run_id, str(self.spool.root / r["config"]), f"restarts/{restarts}" if restarts else None)
-            self.spool.discard(r["config"])
+        if r.get("file"):
+            c.log_artifact(self._run_id, str(self.spool.root / r["file"]), f"restarts/{restarts}" if restarts else None)
         c.set_tag(self._run_id, "restart_count", str(restarts))
 
     def _experiment_id(self, c) -> str:
@@ -363,7 +381,11 @@ def build_tracker(cfg, run_dir: Path, rank: int, run_id: Optional[str] = None, r
     """cfg is the `tracking` config section; run_id comes from the checkpoint's `state_dict()` when resuming."""
     if rank != 0 or not cfg.enabled:
         return NullTracker()
-    return MlflowTracker(cfg, run_dir, run_id, cfg.run_name or run_name_default)
+    try:
+        return MlflowTracker(cfg, run_dir, run_id, cfg.run_name or run_name_default)
+    except Exception as e:
+        _warn(f"tracking off for this launch, could not set it up: {e!r}")
+        return NullTracker()
 
 
 if __name__ == "__main__":  # send what a finished run left in its spool: python -m ebmscale.tracking.mlflow_run RUN_DIR

@@ -1,0 +1,58 @@
+"""Load a trained energy model (and its replay buffer) from a run folder, without DeepSpeed's engine."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ebmscale.config import from_yaml_file
+from ebmscale.models import build_model
+from ebmscale.train.checkpoint import Checkpointer, committed, latest
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """RUN_DIR or a checkpoint folder -> (run folder, committed checkpoint folder)."""
+    path = Path(path)
+    if committed(path):
+        return path.parent.parent, path
+    ckpt = latest(path / "checkpoints")
+    if ckpt is None:
+        raise FileNotFoundError(f"{path} holds no committed checkpoint (looked in {path / 'checkpoints'}); "
+                                f"train first, or pass a checkpoint folder")
+    return path, ckpt
+
+
+def fp32_state_dict(ckpt: Path, zero_stage: int) -> dict:
+    if zero_stage >= 1:  # ZeRO keeps the fp32 master weights in its optimizer partitions
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    sd = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in sd.items()}
+
+
+def load_energy_model(path: str | Path, device: str | torch.device = "cpu"):
+    """Returns (model in eval mode, fp32, on device; config; checkpoint folder; step)."""
+    run, ckpt = resolve_checkpoint(path)
+    cfg = from_yaml_file(run / "config.yaml")
+    state = Checkpointer.read_trainer_state(ckpt)
+    model = build_model(cfg.model)
+    sd = fp32_state_dict(ckpt, int(state.get("zero_stage", cfg.train.zero_stage)))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    buffers = {n for n, _ in model.named_buffers()}
+    if unexpected or set(missing) - buffers:
+        raise RuntimeError(f"{ckpt}: weights do not fit {cfg.model.arch}: missing {missing}, unexpected {unexpected}")
+    if set(missing):  # spectral-norm power-iteration vectors live in the module states, not ZeRO's fp32 copy
+        module_sd = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        model.load_state_dict({k: module_sd[k].float() for k in missing}, strict=False)
+    return model.to(device).eval(), cfg, ckpt, int(state["step"])
+
+
+def load_buffer(ckpt: Path) -> Optional[dict]:
+    """All ranks' replay-buffer shards concatenated: images (uint8 or fp16), labels."""
+    files = sorted(Path(ckpt).glob("rank_*.pt"))
+    if not files:
+        return None
+    shards = [torch.load(f, map_location="cpu", weights_only=False, mmap=True)["buffer"] for f in files]
+    return {"images": torch.cat([s["images"] for s in shards]), "labels": torch.cat([s["labels"] for s in shards]),
+            "dtype": shards[0]["dtype"]}
