@@ -61,7 +61,8 @@ class BufferConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = "???"  # brace pattern, list file, or manifest.json
+    shards: str = "???"  # brace pattern, list file, or manifest.json; several joined by '::'
+    weights: Optional[List[float]] = None  # share of each '::' source when resampling; null = by sample count
     batch_size: int = 128  # per rank
     workers: int = 2
     shuffle_buffer: int = 1000
@@ -138,6 +139,7 @@ class LauncherConfig:
     max_requeues: int = 50
     additional_parameters: Dict[str, Any] = field(default_factory=dict)
     setup: List[str] = field(default_factory=list)
+    entry: str = "ebmscale.train.main:main"  # module:function the job calls with the config
 
 
 @dataclass
@@ -230,6 +232,12 @@ def validate(cfg: DictConfig) -> None:
     _check(d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}")
     _check(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", f"must be in [0, 1], got {d.max_bad_fraction}")
     _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {d.shuffle_buffer}")
+    _check(d.prefetch >= 1, "data.prefetch", f"must be >= 1 (batches each loader worker keeps ready), got {d.prefetch}")
+    if d.weights is not None:
+        n = len(d.shards.split("::"))
+        _check(len(d.weights) == n and all(w > 0 for w in d.weights), "data.weights",
+               f"needs one positive weight per '::'-separated source in data.shards ({n}), got {list(d.weights)}")
+        _check(d.resampled, "data.weights", "mixing sources by weight needs data.resampled=true")
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
     _check(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = off), got {o.grad_clip}")

@@ -4,7 +4,7 @@ Rank 0 gets an `MlflowTracker`, every other rank a `NullTracker` with the same m
 appends to the local spool (spool.py) and returns; one background thread sends the spool in order. When
 the store does not answer, the thread warns once, retries at most every `tracking.retry_s` seconds and sends
 the backlog when it is back. `finish()` waits up to `tracking.flush_timeout_s` for it; whatever is still
-unsent is sent by the next tracker opened on the same run_dir, or by `python -m ebmscale.tracking.mlflow_run
+unsent is sent by the next tracker opened on the same run_dir, or by `python -m ebmscale.tracking
 RUN_DIR`. If the store is down at `start()` the run is created when it comes back.
 
 Stores. `tracking.uri: null` means `sqlite:///<run_dir.parent>/mlflow.db` with artifacts in
@@ -58,7 +58,9 @@ def _safe(fn):
         try:
             return fn(self, *args, **kwargs)
         except Exception as e:  # tracking never stops training
-            _warn(f"{fn.__name__} failed and was skipped: {e!r}")
+            if (fn.__name__, type(e)) not in self._failures:  # once, not every step
+                self._failures.add((fn.__name__, type(e)))
+                _warn(f"{fn.__name__} failed and was skipped (said once): {e!r}")
     return call
 
 
@@ -79,6 +81,7 @@ class NullTracker:
     def set_tags(self, tags): pass
     def record_checkpoint(self, path, step): pass
     def flush(self, timeout_s=None): return True
+    def close(self, timeout_s=None): pass
     def finish(self, status="FINISHED"): pass
     def state_dict(self): return {"run_id": None, "tracking_uri": None}
 
@@ -108,7 +111,7 @@ class MlflowTracker:
         self._server_steps: Dict[str, int] = {}  # the run's latest steps as the store had them when (re)opened
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread = self._client = None
-        self._started = False
+        self._started, self._failures = False, set()
         self._down = False
         self._retry_at, self._sent, self._dropped = 0.0, 0, 0
 
@@ -196,21 +199,28 @@ class MlflowTracker:
         return not self.spool.pending()
 
     @_safe
-    def finish(self, status: str = "FINISHED") -> None:
-        """The run really ended (not a requeue: then leave it RUNNING and just exit)."""
-        assert status in ("FINISHED", "FAILED", "KILLED"), status
-        self._put({"op": "end", "status": status, "ts": _now_ms()})
-        if not self.flush():
-            _warn(f"{self.spool.pending()} bytes of tracking records unsent, kept in {self.spool.root}; "
-                  f"send them with: python -m ebmscale.tracking.mlflow_run {self.run_dir}")
+    def close(self, timeout_s: Optional[float] = None) -> None:
+        """Send what is spooled (up to timeout_s) and stop; the run stays RUNNING, e.g. for a requeue."""
+        if not self.flush(timeout_s):
+            _warn(f"{self.spool.pending()} bytes of tracking records unsent, kept in {self.spool.root}; the next "
+                  f"launch sends them, or: python -m ebmscale.tracking {self.run_dir}")
         self._stop.set()
         self._wake.set()
+        self._thread.join(timeout=1.0)
         self.spool.compact()
+
+    @_safe
+    def finish(self, status: str = "FINISHED") -> None:
+        """The run really ended. Not for a requeue: then leave it RUNNING (close(), or just exit)."""
+        assert status in ("FINISHED", "FAILED", "KILLED"), status
+        self._put({"op": "end", "status": status, "ts": _now_ms()})
+        self.close()
 
     # --- the sender thread
 
     def _start_sender(self) -> None:
-        if self._thread is None:
+        self._stop.clear()
+        if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._loop, daemon=True, name="tracking-sender")
             self._thread.start()
 
@@ -224,8 +234,8 @@ class MlflowTracker:
                 self._drain()
             except Exception as e:
                 if not self._down:
-                    _warn(f"{self.tracking_uri} unreachable ({type(e).__name__}: {str(e)[:300]}); training goes on, "
-                          f"spooling to {self.spool.root} and retrying every {self.cfg.retry_s:g}s")
+                    _warn(f"{self.tracking_uri} unreachable; training goes on, spooling to {self.spool.root} and "
+                          f"retrying every {self.cfg.retry_s:g}s. ({type(e).__name__}: {str(e)[:200]})")
                 self._down, self._sent = True, 0
                 self._retry_at = time.monotonic() + self.cfg.retry_s
                 continue
@@ -258,7 +268,7 @@ class MlflowTracker:
                 i = j
 
     def _send(self, records: list) -> None:
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, RunTag
         from mlflow.tracking import MlflowClient
         c = self._client = self._client or MlflowClient(self.tracking_uri)
         r, op = records[0], records[0].get("op")
@@ -387,11 +397,3 @@ def build_tracker(cfg, run_dir: Path, rank: int, run_id: Optional[str] = None, r
         _warn(f"tracking off for this launch, could not set it up: {e!r}")
         return NullTracker()
 
-
-if __name__ == "__main__":  # send what a finished run left in its spool: python -m ebmscale.tracking.mlflow_run RUN_DIR
-    from ebmscale.config import TrackingConfig
-    run_dir = Path(sys.argv[1])
-    saved = json.loads((run_dir / "tracking.json").read_text())
-    tracker = MlflowTracker(TrackingConfig(uri=saved["tracking_uri"], experiment=saved["experiment"], retry_s=5),
-                            run_dir, saved["run_id"], run_dir.name)
-    sys.exit(0 if tracker.flush(timeout_s=float(sys.argv[2]) if len(sys.argv) > 2 else 600) else 1)

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ebmscale.train import faults
+
 COMMIT = "COMMITTED"
 
 
@@ -134,6 +136,7 @@ class Checkpointer:
         t0 = time.perf_counter()
         folder = self.root / tag(step)
         engine.save_checkpoint(str(self.root), tag=tag(step), save_latest=False)
+        faults.maybe_kill("kill_in_save", step, self.rank)
         if self.rank == 0:
             _atomic_write(folder / "trainer.json", json.dumps(trainer_state, indent=1, default=str))
         rank_state = {**rank_state, "rng": rng_state()}

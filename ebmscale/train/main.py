@@ -5,6 +5,7 @@ Runs the same under the launcher (submitit, local or SLURM), torchrun, srun or p
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -98,6 +99,26 @@ def to_universal(folder: Path, rank: int) -> Path:
     return out
 
 
+def fingerprint(obj) -> str:
+    """A short digest of tensors/arrays/values, printed on resume so a person (or a test) can check it."""
+    h = hashlib.sha256()
+    def feed(o):
+        if isinstance(o, dict):
+            for k in sorted(o):
+                h.update(str(k).encode()); feed(o[k])
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                feed(v)
+        elif isinstance(o, torch.Tensor):
+            h.update(o.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        elif hasattr(o, "tobytes"):
+            h.update(o.tobytes())
+        else:
+            h.update(repr(o).encode())
+    feed(obj)
+    return h.hexdigest()[:16]
+
+
 def restore(trainer: Trainer, engine, buffer: ReplayBuffer, stream, folder: Path, load_dir: Path,
             rank: int, world_size: int, seed: int) -> None:
     state = Checkpointer.read_trainer_state(folder)
@@ -109,13 +130,18 @@ def restore(trainer: Trainer, engine, buffer: ReplayBuffer, stream, folder: Path
         buffer.load_state_dict(mine["buffer"])
         stream.load_state_dict(mine["stream"])
         set_rng_state(mine["rng"])
-        log(f"rank {rank}: resumed step {trainer.step} from {folder}")
+        log(f"rank {rank}: resumed step {trainer.step} from {folder}; buffer {len(buffer)} samples "
+            f"sha {fingerprint(buffer.state_dict())}; rng sha {fingerprint(mine['rng'])}")
         return
     shards = [torch.load(f, map_location="cpu", weights_only=False, mmap=True) for f in files]
     share, dropped = reshard([s["buffer"] for s in shards], world_size, rank, buffer.capacity)
     buffer.load_state_dict(share)
     stream.load_state_dict(shards[0]["stream"])
     torch.manual_seed(seed + 7919 * rank + trainer.step)
+    if os.environ.get("EBMSCALE_DUMP_BUFFER_ON_RESUME"):  # lets a drill verify that no sample was lost
+        dump = Path(os.environ["EBMSCALE_DUMP_BUFFER_ON_RESUME"])
+        dump.mkdir(parents=True, exist_ok=True)
+        torch.save(buffer.state_dict(), dump / f"rank_{rank}.pt")
     note = f"; {dropped} oldest samples did not fit buffer.capacity" if dropped else ""
     log(f"rank {rank}: resumed step {trainer.step} from {folder} written by {state['world_size']} ranks on "
         f"{world_size}: buffer re-sharded ({len(buffer)} samples here{note}), optimizer via universal checkpoint")
@@ -173,7 +199,7 @@ def main(cfg) -> stop.Outcome:
         if d.rank == 0:
             log(f"completed {trainer.step} steps; run folder {out}")
     else:
-        tracker.flush() if hasattr(tracker, "flush") else None
+        tracker.close()  # the run stays RUNNING: the requeued job continues it
     return outcome
 
 

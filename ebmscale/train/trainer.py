@@ -4,6 +4,7 @@ The trainer receives built components; it never reads raw config to construct th
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 from ebmscale.buffer import ReplayBuffer
 from ebmscale.sampling import frozen, langevin, model_energy
-from ebmscale.train import stop
+from ebmscale.train import faults, stop
 from ebmscale.train.checkpoint import Checkpointer
 from ebmscale.train.ds_config import compute_dtype
 from ebmscale.train.loss import cd_loss
@@ -63,6 +64,8 @@ class Trainer:
         energies = self.engine(x, y).float()
         e_pos, e_neg = energies[:n], energies[n:]
         loss = cd_loss(e_pos, e_neg, self.cfg.train.alpha)
+        if faults.active("nan_loss", self.step + 1, self.rank):
+            loss = loss * float("nan")
         self.engine.backward(loss)
         self.engine.step()
         t2 = time.perf_counter()
@@ -107,11 +110,14 @@ class Trainer:
                                     Eneg=f"{metrics['e_neg']:.3f}", ips=f"{metrics['images_per_s']:.1f}")
                     self.history.append({"step": self.step, **metrics})
                     self.tracker.log_metrics(metrics, step=self.step)
+                    with open(self.run_dir / "logs" / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps({"step": self.step, **metrics}) + "\n")
             if self.rank == 0 and (self.step % t_cfg.sample_every == 0 or self.step == steps):
                 self.log_pictures(out)
             if frames:
                 self.log_gif(frames)
             bar.update(1)
+            faults.maybe_kill("kill_at_step", self.step, self.rank)
             if self.step % self.cfg.checkpoint.every == 0 or self.step == steps:
                 self.save()
         self.ckpt.commit()

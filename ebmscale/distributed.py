@@ -1,0 +1,199 @@
+"""Who am I in the job: rank, world size, rendezvous address; then `deepspeed.init_distributed`.
+
+`detect()` reads the environment only (no side effects, testable with a fake environ). Sources, first
+match wins:
+
+1. torchrun / the DeepSpeed launcher: RANK and WORLD_SIZE (plus LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+2. submitit's local executor (SUBMITIT_EXECUTOR=local): SUBMITIT_LOCAL_GLOBALID / _NTASKS / _LOCALID on
+   127.0.0.1. Checked before SLURM so that `tools/launch.py --local` run inside an salloc shell does not
+   mistake the allocation's SLURM_* variables for its own.
+3. a SLURM job step (srun, or submitit on SLURM): SLURM_PROCID, SLURM_STEP_NUM_TASKS (SLURM_NTASKS),
+   SLURM_LOCALID, tasks on this node from SLURM_STEP_TASKS_PER_NODE; master = first host of the step's
+   node list (`scontrol show hostnames`), port 20000 + job id % 20000 (MASTER_ADDR / MASTER_PORT in the
+   environment win, e.g. set by slurm/sbatch_example.sh).
+4. a single process: rank 0 of 1 on 127.0.0.1 and a free port.
+
+`init()` exports RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, selects the
+local GPU (torch.cuda.set_device; CUDA_VISIBLE_DEVICES is never touched) and calls
+`deepspeed.init_distributed` with nccl on CUDA, gloo otherwise (EBMSCALE_DIST_BACKEND overrides).
+It is idempotent: a second call returns the first result.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import warnings
+from datetime import timedelta
+from typing import List, Mapping, MutableMapping, NamedTuple, Optional
+
+
+class Dist(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    backend: str
+    source: str = "single"  # torchrun | submitit-local | slurm | single
+
+
+_current: Optional[Dist] = None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def default_backend() -> str:
+    forced = os.environ.get("EBMSCALE_DIST_BACKEND")
+    if forced:
+        return forced
+    try:
+        import torch
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    except ImportError:  # pragma: no cover
+        return "gloo"
+
+
+def slurm_port(job_id: str) -> int:
+    """A rendezvous port every task of a SLURM job derives alike without talking to the others."""
+    digits = re.sub(r"\D", "", job_id.split("_")[0]) or "0"
+    return 20000 + int(digits) % 20000
+
+
+def expand_tasks_per_node(spec: str) -> List[int]:
+    """SLURM's '2(x3),1' -> [2, 2, 2, 1]."""
+    out: List[int] = []
+    for part in filter(None, spec.split(",")):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            raise ValueError(f"cannot parse SLURM tasks-per-node spec '{spec}'")
+        out += [int(m.group(1))] * int(m.group(2) or 1)
+    return out
+
+
+def expand_hostnames(nodelist: str) -> List[str]:
+    """First `scontrol show hostnames` (authoritative, local, no RPC); submitit's parser without it."""
+    if shutil.which("scontrol"):
+        try:
+            res = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                                 text=True, timeout=20)
+            hosts = res.stdout.split()
+            if res.returncode == 0 and hosts:
+                return hosts
+        except (OSError, subprocess.SubprocessError):
+            pass
+    from submitit.slurm.slurm import _parse_node_list
+    return _parse_node_list(nodelist)
+
+
+def _int(env: Mapping[str, str], key: str, default: Optional[int] = None) -> int:
+    val = env.get(key)
+    if val is None or val == "":
+        if default is None:
+            raise KeyError(key)
+        return default
+    try:
+        return int(val)
+    except ValueError:
+        raise ValueError(f"environment variable {key}={val!r} is not an integer") from None
+
+
+def detect(environ: Optional[Mapping[str, str]] = None, backend: Optional[str] = None) -> Dist:
+    """Rank and rendezvous from the environment (see the module doc for the order)."""
+    env = os.environ if environ is None else environ
+    backend = backend or default_backend()
+
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = _int(env, "WORLD_SIZE")
+        local_world = _int(env, "LOCAL_WORLD_SIZE", world)
+        return Dist(_int(env, "RANK"), world, _int(env, "LOCAL_RANK", _int(env, "RANK") % local_world),
+                    local_world, env.get("MASTER_ADDR", "127.0.0.1"),
+                    _int(env, "MASTER_PORT", 29500), backend, "torchrun")
+
+    if env.get("SUBMITIT_EXECUTOR") == "local" and "SUBMITIT_LOCAL_GLOBALID" in env:
+        world = _int(env, "SUBMITIT_LOCAL_NTASKS", 1)
+        port = env.get("MASTER_PORT") or str(slurm_port(env.get("SUBMITIT_LOCAL_JOB_ID", "0")))
+        return Dist(_int(env, "SUBMITIT_LOCAL_GLOBALID"), world, _int(env, "SUBMITIT_LOCAL_LOCALID", 0), world,
+                    env.get("MASTER_ADDR", "127.0.0.1"), int(port), backend, "submitit-local")
+
+    if "SLURM_PROCID" in env and "SLURM_JOB_ID" in env:
+        step_tasks = env.get("SLURM_STEP_NUM_TASKS")
+        if step_tasks is None:
+            # the batch script itself or an salloc shell: not a task of an srun step
+            if _int(env, "SLURM_NTASKS", 1) > 1:
+                warnings.warn(f"SLURM job {env['SLURM_JOB_ID']} has {env['SLURM_NTASKS']} tasks but this process "
+                              f"is not an srun task; running as a single process (start it with srun)")
+        else:
+            world = int(step_tasks)
+            rank = _int(env, "SLURM_PROCID")
+            node = _int(env, "SLURM_NODEID", 0)
+            spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
+            per_node = expand_tasks_per_node(spec) if spec else []
+            if node < len(per_node):
+                local_world = per_node[node]
+            else:
+                local_world = _int(env, "SLURM_NTASKS_PER_NODE", world)
+            addr = env.get("MASTER_ADDR")
+            if not addr:
+                nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""
+                addr = expand_hostnames(nodelist)[0] if nodelist else "127.0.0.1"
+            port = _int(env, "MASTER_PORT", slurm_port(env["SLURM_JOB_ID"]))
+            return Dist(rank, world, _int(env, "SLURM_LOCALID", 0), local_world, addr, port, backend, "slurm")
+
+    port = _int(env, "MASTER_PORT", 0) or free_port()
+    return Dist(0, 1, 0, 1, env.get("MASTER_ADDR", "127.0.0.1"), port, backend, "single")
+
+
+def export(d: Dist, environ: Optional[MutableMapping[str, str]] = None) -> None:
+    """Write the torch env:// variables (never CUDA_VISIBLE_DEVICES)."""
+    env = os.environ if environ is None else environ
+    env.update(RANK=str(d.rank), WORLD_SIZE=str(d.world_size), LOCAL_RANK=str(d.local_rank),
+               LOCAL_WORLD_SIZE=str(d.local_world_size), MASTER_ADDR=d.master_addr, MASTER_PORT=str(d.master_port))
+
+
+def setup_env() -> Dist:
+    """detect() + export(), no process group: what the launcher's job does before calling the trainer."""
+    d = detect()
+    export(d)
+    return d
+
+
+def init(timeout_s: Optional[float] = None) -> Dist:
+    """Set up torch.distributed through DeepSpeed; idempotent. Returns the `Dist` in force."""
+    global _current
+    import torch
+    import torch.distributed as tdist
+    if _current is not None and tdist.is_initialized():
+        return _current
+    d = detect()
+    export(d)
+    if d.backend == "nccl" and torch.cuda.is_available():
+        torch.cuda.set_device(d.local_rank % torch.cuda.device_count())
+    import deepspeed
+    kwargs = {}
+    if timeout_s is None and os.environ.get("EBMSCALE_DIST_TIMEOUT_S"):
+        timeout_s = float(os.environ["EBMSCALE_DIST_TIMEOUT_S"])
+    if timeout_s:
+        kwargs["timeout"] = timedelta(seconds=timeout_s)
+    deepspeed.init_distributed(dist_backend=d.backend, auto_mpi_discovery=False,
+                               verbose=d.rank == 0, **kwargs)
+    _current = d
+    return d
+
+
+def current() -> Optional[Dist]:
+    return _current
+
+
+def is_main() -> bool:
+    return (_current.rank if _current else int(os.environ.get("RANK", "0"))) == 0
+
+
+__all__ = ["Dist", "detect", "export", "setup_env", "init", "current", "is_main", "free_port"]

@@ -1,0 +1,22 @@
+"""Fault injection for tests and drills: EBMSCALE_FAULT="point:step:rank[,point:step:rank]".
+
+Points: `kill_at_step` (SIGKILL this rank after the step), `kill_in_save` (SIGKILL after DeepSpeed's files
+of the checkpoint at that step are written, before this rank's state file and the commit),
+`nan_loss` (this rank's loss becomes NaN at that step). rank `*` matches every rank.
+"""
+import os
+import signal
+
+
+def active(point: str, step: int, rank: int) -> bool:
+    for item in filter(None, os.environ.get("EBMSCALE_FAULT", "").split(",")):
+        p, s, r = item.split(":")
+        if p == point and int(s) == step and (r == "*" or int(r) == rank):
+            return True
+    return False
+
+
+def maybe_kill(point: str, step: int, rank: int) -> None:
+    if active(point, step, rank):
+        print(f"[ebmscale] fault injection: {point} at step {step} on rank {rank}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,37 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+# a tiny but real digits configuration: every trainer test uses it, on 1-2 DeepSpeed ranks
+TINY = ["model.filters=8", "sampler.steps=4", "data.batch_size=8", "buffer.capacity=64", "data.workers=0",
+        "data.shuffle_buffer=50", "train.log_every=1", "train.sample_every=5", "tracking.every=1",
+        "tracking.image_every=5", "tracking.chain_gif_every=5", "train.threads=1"]
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits")
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "digits", str(out)], check=True,
+                   capture_output=True)
+    return out
+
+
+def train(run_dir: Path, shards: Path, *overrides: str, nproc: int = 2, env: dict | None = None,
+          check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the real trainer under torchrun: `nproc` DeepSpeed processes over gloo."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "ebmscale.train.main", str(ROOT / "configs" / "digits.yaml"), f"run.dir={run_dir}",
+           f"data.shards={shards}/digits-{{000000..000003}}.tar", *TINY, *overrides]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    res = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"trainer failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
+    return res
