@@ -67,25 +67,24 @@ class ReplayBuffer:
         return x, torch.where(keep, by, labels), fresh, torch.where(keep, bb, born)
 
     def state_dict(self) -> dict:
-        """Only the filled part, oldest first, so shards can be merged and re-split across world sizes."""
-        order = torch.arange(self.size) if self.size < self.capacity else \
-            (self.ptr + torch.arange(self.capacity)) % self.capacity
-        return {"images": self.images[order].cpu(), "labels": self.labels[order].cpu(),
-                "born": self.born[order].cpu(), "dtype": self.dtype, "shape": self.shape}
+        """The filled slots in storage order plus the write position, so a resumed run draws exactly
+        the same samples; `born` orders them by age for re-sharding."""
+        n = self.size
+        return {"images": self.images[:n].cpu().clone(), "labels": self.labels[:n].cpu().clone(),
+                "born": self.born[:n].cpu().clone(), "ptr": self.ptr, "dtype": self.dtype, "shape": self.shape}
 
     def load_state_dict(self, sd: dict) -> None:
         if tuple(sd["shape"]) != self.shape or sd["dtype"] != self.dtype:
             raise ValueError(f"buffer shard holds {sd['dtype']} {tuple(sd['shape'])} samples; this run expects "
                              f"{self.dtype} {self.shape} (buffer.dtype / model.resolution / model.in_channels)")
-        self.size, self.ptr = 0, 0
-        self.images.zero_()
         n = sd["images"].shape[0]
         if n > self.capacity:
             raise ValueError(f"buffer shard holds {n} samples, more than buffer.capacity={self.capacity}")
         self.images[:n] = sd["images"].to(self.images.device)
         self.labels[:n] = sd["labels"].to(self.labels.device)
         self.born[:n] = sd["born"].to(self.born.device)
-        self.size, self.ptr = n, n % self.capacity
+        self.size = n
+        self.ptr = int(sd.get("ptr", n)) % self.capacity if n == self.capacity else n % self.capacity
 
 
 def reshard(shards: list[dict], world_size: int, rank: int, capacity: int) -> tuple[dict, int]:
@@ -99,5 +98,5 @@ def reshard(shards: list[dict], world_size: int, rank: int, capacity: int) -> tu
     mine = born_order[rank::world_size]
     dropped = max(0, mine.numel() - capacity)
     mine = mine[dropped:]
-    return ({"images": images[mine], "labels": labels[mine], "born": born[mine],
+    return ({"images": images[mine], "labels": labels[mine], "born": born[mine], "ptr": mine.numel(),
              "dtype": shards[0]["dtype"], "shape": shards[0]["shape"]}, dropped)

@@ -9,10 +9,14 @@ def test_capacity_ring_and_state_order():
         b.push(torch.full((3, 1, 2, 2), i / 10), torch.full((3,), i), torch.full((3,), i))
     assert len(b) == 5 and b.images.shape[0] == 5
     sd = b.state_dict()
-    assert sd["born"].tolist() == [1, 1, 2, 2, 2]  # oldest first, the first push was overwritten
+    assert sd["born"].tolist() == [1, 2, 2, 2, 1] and sd["ptr"] == 4  # storage order: the first push is gone
     b2 = ReplayBuffer(5, (1, 2, 2), num_classes=3)
     b2.load_state_dict(sd)
-    assert torch.equal(b2.state_dict()["images"], sd["images"])
+    assert torch.equal(b2.state_dict()["images"], sd["images"]) and b2.ptr == b.ptr
+    torch.manual_seed(1)
+    first = b.sample(4)
+    torch.manual_seed(1)
+    assert all(torch.equal(u, v) for u, v in zip(first, b2.sample(4)))  # a resumed run draws the same chains
 
 
 def test_mix_ratio_fresh_noise_and_buffer():

@@ -138,6 +138,12 @@ def test_resume_offline_drops_logged_steps_and_never_blocks(tmp_path):
     records = [r for _, r in Spool(tmp_path / "run" / "tracking_spool").records()]
     assert [r["op"] for r in records].count("start") == 2
     assert [r["step"] for r in records if r["op"] == "metrics"] == [1, 2, 3, 4, 5, 6, 7]
+    (tmp_path / "run" / "tracking.json").unlink()  # run.overwrite moved it aside: a new run, the spool goes too
+    t = launch(cfg, tmp_path / "run")
+    t.log_metrics({"loss": 1}, 1)
+    t.close(0)
+    records = [r for _, r in Spool(tmp_path / "run" / "tracking_spool").records()]
+    assert [r["op"] for r in records] == ["start", "metrics"] and list(tmp_path.glob("run/tracking_spool.orphaned-*"))
 
 
 def test_null_tracker_for_other_ranks(tmp_path):

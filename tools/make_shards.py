@@ -25,10 +25,11 @@ DEFAULTS = {  # kind: (size, channels, format, num_shards, prefix)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=KINDS)
-    p.add_argument("paths", nargs="+", metavar="SRC OUT_DIR", help="source folder/file, then output folder "
-                   "(digits takes only OUT_DIR)")
+    p = argparse.ArgumentParser(usage="%(prog)s KIND [SRC] OUT_DIR [options]", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kind", choices=KINDS, metavar="KIND", help=f"one of {', '.join(KINDS)}")
+    p.add_argument("paths", nargs="+", metavar="[SRC] OUT_DIR", help="source folder (cifar10: the batches "
+                   "folder; digits: none), then the output folder")
     p.add_argument("--size", type=int, help="output side in pixels (default: 16 digits, 32 cifar10, 128 others)")
     p.add_argument("--channels", type=int, choices=(1, 3), help="1 = greyscale (default for digits)")
     p.add_argument("--format", choices=("jpg", "png"), help="default: png for digits and cifar10 (lossless), else jpg")

@@ -8,7 +8,7 @@ import torch
 
 from ebmscale.config import from_yaml_file
 from ebmscale.models import build_model
-from ebmscale.train.checkpoint import Checkpointer, committed, latest
+from ebmscale.train.checkpoint import Checkpointer, committed, latest, list_checkpoints
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
@@ -46,6 +46,18 @@ def load_energy_model(path: str | Path, device: str | torch.device = "cpu"):
         module_sd = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
         model.load_state_dict({k: module_sd[k].float() for k in missing}, strict=False)
     return model.to(device).eval(), cfg, ckpt, int(state["step"])
+
+
+def load_ensemble(path: str | Path, k: int = 1, device: str | torch.device = "cpu"):
+    """A historical ensemble: the model of `path` and the k - 1 committed checkpoints before it in its run.
+    Returns (models, newest first; config; checkpoint folder; step) of the newest."""
+    model, cfg, ckpt, step = load_energy_model(path, device)
+    run = resolve_checkpoint(path)[0]
+    older = [p for p in list_checkpoints(run / "checkpoints") if int(p.name.split("_")[1]) < step][::-1][:k - 1]
+    if len(older) < k - 1:
+        raise ValueError(f"--ensemble {k}: {run} keeps {len(older) + 1} checkpoints up to step {step}; train with "
+                         f"checkpoint.keep_last>={k} (or checkpoint.keep_every) to keep enough of them")
+    return [model] + [load_energy_model(p, device)[0] for p in older], cfg, ckpt, step
 
 
 def load_buffer(ckpt: Path) -> Optional[dict]:

@@ -1,9 +1,13 @@
-"""Draw samples from a trained model: from noise, or refined from the saved replay buffer."""
+"""Draw samples from a trained model: from noise, or refined from the saved replay buffer; for evaluation, the
+paper's test-time procedure (a persistent buffer of chains refined for many rounds, a small share of chains and
+labels re-initialised after each round)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
+from tqdm import tqdm
 
 from ebmscale.sampling import frozen, langevin
 
@@ -13,6 +17,13 @@ def composed_energy(models: Sequence[torch.nn.Module], labels: Sequence[Optional
     def energy(x: torch.Tensor) -> torch.Tensor:
         return sum(m(x, y).float() for m in models for y in labels)
     return energy
+
+
+@contextlib.contextmanager
+def frozen_all(models: Sequence[torch.nn.Module]):
+    """`frozen` for every model at once: no parameter gradients, spectral norms computed once."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(frozen(m)) for m in models]
 
 
 def initial_chains(kind: str, labels: torch.Tensor, shape: tuple, buffer: Optional[dict],
@@ -32,21 +43,41 @@ def initial_chains(kind: str, labels: torch.Tensor, shape: tuple, buffer: Option
     return x
 
 
+def sample_rounds(models: Sequence[torch.nn.Module], labels: torch.Tensor, shape: tuple, steps: int,
+                  step_size: float, noise: float, grad_clip: Optional[float], rounds: int = 1, reinit: float = 0.0,
+                  relabel: float = 0.0, nomix: int = 0, num_classes: int = 0, init: str = "noise",
+                  buffer: Optional[dict] = None, seed: int = 0, batch: int = 256,
+                  extra_labels: Sequence[torch.Tensor] = (), progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rounds` sweeps of `steps` Langevin steps over every chain, energies of all `models` summed; after each
+    round but the last `nomix`, a `reinit` share of chains restarts from uniform noise and a `relabel` share draws
+    a new label (as the IGEBM release's test_inception.py). Returns (samples [N, *shape] fp32 in [0, 1] on the
+    CPU, their final labels)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    x = initial_chains(init, labels, shape, buffer, g)
+    labels = labels.clone()
+    dev = next(models[0].parameters()).device
+    with frozen_all(models):
+        for r in tqdm(range(rounds), desc="rounds", disable=not progress or rounds == 1):
+            for i in range(0, labels.shape[0], batch):
+                ys = [t[i:i + batch].to(dev) for t in (labels, *extra_labels)]
+                out, _ = langevin(composed_energy(models, ys), x[i:i + batch].to(dev), steps, step_size, noise,
+                                  grad_clip)
+                x[i:i + batch] = out.cpu()
+            if r < rounds - max(nomix, 1):
+                fresh = torch.rand(len(x), generator=g) < reinit
+                x[fresh] = torch.rand((int(fresh.sum()), *shape), generator=g)
+                if num_classes > 0:
+                    new = torch.rand(len(x), generator=g) < relabel
+                    labels[new] = torch.randint(0, num_classes, (int(new.sum()),), generator=g)
+    return x, labels
+
+
 def sample(model: torch.nn.Module, labels: torch.Tensor, shape: tuple, steps: int, step_size: float,
            noise: float, grad_clip: Optional[float], init: str = "noise", buffer: Optional[dict] = None,
            seed: int = 0, batch: int = 256, extra_labels: Sequence[torch.Tensor] = (),
            models: Sequence[torch.nn.Module] = ()) -> torch.Tensor:
     """Samples in [0, 1], fp32, [N, *shape]; `labels` condition them (ignored when unconditional).
     `extra_labels` / `models` add energies (composition, historical ensembles)."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    x0 = initial_chains(init, labels, shape, buffer, g)
-    out = []
-    all_models = [model, *models]
-    with frozen(model):
-        for i in range(0, labels.shape[0], batch):
-            y = labels[i:i + batch]
-            ys = [y, *[e[i:i + batch] for e in extra_labels]]
-            x, _ = langevin(composed_energy(all_models, ys), x0[i:i + batch], steps, step_size, noise, grad_clip)
-            out.append(x)
-    return torch.cat(out)
+    return sample_rounds([model, *models], labels, shape, steps, step_size, noise, grad_clip, init=init,
+                         buffer=buffer, seed=seed, batch=batch, extra_labels=extra_labels)[0]

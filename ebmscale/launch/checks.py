@@ -109,17 +109,15 @@ def check_data(cfg: DictConfig) -> str:
 def check_run_dir(out: Path, create: bool = True) -> str:
     """Writable run folder; with create=False (dry run) only the nearest existing parent is checked."""
     try:
+        near = out
         if create:
             out.mkdir(parents=True, exist_ok=True)
-            probe = out / f".write-test-{uuid.uuid4().hex[:8]}"
-            probe.write_text("ok")
-            probe.unlink()
-        else:
-            near = out
+        else:  # leave no trace: probe the nearest folder that exists
             while not near.exists() and near != near.parent:
                 near = near.parent
-            if not near.is_dir() or not os.access(near, os.W_OK | os.X_OK):
-                raise PermissionError(13, "Permission denied")
+        probe = near / f".ebmscale-write-test-{uuid.uuid4().hex[:8]}"
+        probe.write_text("ok")
+        probe.unlink()
     except OSError as e:
         raise ConfigError(f"run.dir: cannot write to {out} ({e.strerror or e}); pick a writable run.dir "
                           f"on a file system the compute nodes share") from None

@@ -38,6 +38,34 @@ from omegaconf import DictConfig, OmegaConf
 LOG_NAME = "launcher.log"
 
 
+SHIELDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+
+def shield_helper_processes(forkserver: bool = True, preload=("ebmscale.data.stream",)) -> None:
+    """Keep helper processes alive through the stop signals.
+
+    SLURM sends `--signal` (and `scancel --signal`, and the SIGTERM of a requeue) to EVERY process of
+    the step, not just the task: data-loader workers started from a forkserver and multiprocessing's
+    resource tracker are fresh interpreters with default handlers, so SIGUSR2 kills them, and the
+    DataLoader then raises "worker exited unexpectedly" in the middle of a step instead of letting the
+    trainer checkpoint. Start the resource tracker and the forkserver now with those signals blocked:
+    the mask survives fork and exec, so they and every worker forked from the forkserver ignore them
+    (workers still exit through the DataLoader's own shutdown, or when their parent dies)."""
+    from multiprocessing import resource_tracker
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, set(SHIELDED))
+    try:
+        resource_tracker.ensure_running()
+        if forkserver:
+            import multiprocessing as mp
+            from multiprocessing import forkserver as fs
+            mp.get_context("forkserver").set_forkserver_preload(list(preload))
+            fs.ensure_running()
+    except Exception as e:  # pragma: no cover - never fatal
+        print(f"[ebmscale.launch] could not pre-start helper processes: {e}", flush=True)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 class RequeueLimitReached(RuntimeError):
     """The job was stopped for the time limit / preemption more than launcher.max_requeues times."""
 
@@ -102,6 +130,7 @@ class TrainJob:
         preempt_sig = env._usr_sig()
         stop.clear()
         stop.install_handlers((preempt_sig, signal.SIGTERM))
+        shield_helper_processes(forkserver=self.cfg.get("data", {}).get("workers", 0) > 0)
 
         restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
         attempt = max(self.requeues, restarts)

@@ -3,9 +3,9 @@
 Rank 0 gets an `MlflowTracker`, every other rank a `NullTracker` with the same methods. A tracker call only
 appends to the local spool (spool.py) and returns; one background thread sends the spool in order. When
 the store does not answer, the thread warns once, retries at most every `tracking.retry_s` seconds and sends
-the backlog when it is back. `finish()` waits up to `tracking.flush_timeout_s` for it; whatever is still
-unsent is sent by the next tracker opened on the same run_dir, or by `python -m ebmscale.tracking
-RUN_DIR`. If the store is down at `start()` the run is created when it comes back.
+the backlog when it is back. `finish()` waits up to `tracking.flush_timeout_s` for it, `close()` (requeue)
+5 s; what is still unsent is sent by the next tracker opened on the same run_dir, or by
+`python -m ebmscale.tracking RUN_DIR`. If the store is down at `start()` the run is created when it is back.
 
 Stores. `tracking.uri: null` means `sqlite:///<run_dir.parent>/mlflow.db` with artifacts in
 <run_dir.parent>/mlartifacts: right for a few runs on a local disk (MLflow 3 has no file store). Many
@@ -81,7 +81,7 @@ class NullTracker:
     def set_tags(self, tags): pass
     def record_checkpoint(self, path, step): pass
     def flush(self, timeout_s=None): return True
-    def close(self, timeout_s=None): pass
+    def close(self, timeout_s=5.0): pass
     def finish(self, status="FINISHED"): pass
     def state_dict(self): return {"run_id": None, "tracking_uri": None}
 
@@ -98,10 +98,12 @@ class MlflowTracker:
         if saved.get("tracking_uri") not in (None, self.tracking_uri):
             _warn(f"{self.run_dir}/tracking.json is for {saved['tracking_uri']}, now {self.tracking_uri}: new run")
             saved = {}
-            if spool_dir.exists():  # its records belong to the old store's run
-                spool_dir.rename(spool_dir.with_name(f"tracking_spool.orphaned-{int(time.time())}"))
         if run_id and saved.get("run_id") not in (None, run_id):
             _warn(f"checkpoint run id {run_id} != tracking.json's {saved['run_id']}; continuing {run_id}")
+            saved = {}
+        if not saved and spool_dir.exists():  # start() writes tracking.json before it spools anything
+            _warn(f"{spool_dir} belongs to another run or store; moved aside")
+            spool_dir.rename(spool_dir.with_name(f"tracking_spool.orphaned-{int(time.time())}"))
         self._run_id = run_id or saved.get("run_id")
         self.spool = Spool(spool_dir)
         self.steps: Dict[str, int] = self.spool.state.setdefault("steps", {})  # last step enqueued, per key
@@ -137,7 +139,7 @@ class MlflowTracker:
         config = config_yaml_path and Path(config_yaml_path).exists() and self.spool.stash(config_yaml_path)
         self._put({"op": "start", "run_name": self.run_name, "ts": _now_ms(),
                    "params": {k: str(v)[:6000] for k, v in params.items()},
-                   "tags": {k: str(v) for k, v in tags.items()}, **({"file": config} if config else {})})
+                   "tags": {k: str(v)[:8000] for k, v in tags.items()}, **({"file": config} if config else {})})
         self._start_sender()
         if self.cfg.system_metrics:
             threading.Thread(target=self._system_metrics, daemon=True, name="tracking-system").start()
@@ -179,7 +181,7 @@ class MlflowTracker:
 
     @_safe
     def set_tags(self, tags: dict) -> None:
-        self._put({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+        self._put({"op": "tags", "tags": {k: str(v)[:8000] for k, v in tags.items()}})
 
     @_safe
     def record_checkpoint(self, path: Path, step: int) -> None:
@@ -199,8 +201,9 @@ class MlflowTracker:
         return not self.spool.pending()
 
     @_safe
-    def close(self, timeout_s: Optional[float] = None) -> None:
-        """Send what is spooled (up to timeout_s) and stop; the run stays RUNNING, e.g. for a requeue."""
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Send what is spooled (up to timeout_s) and stop; the run stays RUNNING, e.g. for a requeue.
+        Short by default: the preemption grace time is for the checkpoint, and the next launch sends the rest."""
         if not self.flush(timeout_s):
             _warn(f"{self.spool.pending()} bytes of tracking records unsent, kept in {self.spool.root}; the next "
                   f"launch sends them, or: python -m ebmscale.tracking {self.run_dir}")
@@ -214,7 +217,7 @@ class MlflowTracker:
         """The run really ended. Not for a requeue: then leave it RUNNING (close(), or just exit)."""
         assert status in ("FINISHED", "FAILED", "KILLED"), status
         self._put({"op": "end", "status": status, "ts": _now_ms()})
-        self.close()
+        self.close(self.cfg.flush_timeout_s)
 
     # --- the sender thread
 

@@ -110,7 +110,7 @@ def fingerprint(obj) -> str:
             for v in o:
                 feed(v)
         elif isinstance(o, torch.Tensor):
-            h.update(o.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(o.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         elif hasattr(o, "tobytes"):
             h.update(o.tobytes())
         else:
@@ -159,9 +159,12 @@ def main(cfg) -> stop.Outcome:
     resume = ckpt.resume_target()
     prev = Checkpointer.read_trainer_state(resume) if resume else None
 
-    torch.manual_seed(cfg.run.seed + d.rank)
-    # cast before DeepSpeed: it casts parameters but not the spectral-norm buffers (u, v)
+    # the same seed on every rank: DeepSpeed broadcasts parameters but not buffers, and the spectral-norm
+    # vectors (u, v) must agree across ranks or each rank normalises its weights differently
+    torch.manual_seed(cfg.run.seed)
+    # cast before DeepSpeed: it casts parameters but not the spectral-norm buffers
     model = build_model(cfg.model).to(compute_dtype(cfg.train.precision))
+    torch.manual_seed(cfg.run.seed + 7919 * d.rank)  # then each rank its own chains and noise
     ds_cfg = build_ds_config(cfg, d.world_size)
     load_dir = resume
     if prev and prev["world_size"] != d.world_size and cfg.train.zero_stage > 0:

@@ -1,0 +1,158 @@
+"""`data.shards` -> a list of shard URLs with sample counts.
+
+Accepted forms, several joined by `::` (each one source, mixed by `data.weights`):
+  data/x/train-{000000..000127}.tar   brace pattern (local path or any URL webdataset opens)
+  data/x/manifest.json                the manifest written by tools/make_shards.py (names may be full URLs)
+  data/x/shards.txt                   one shard per line (relative to the file's folder), # comments
+Sample counts come from a manifest.json (given, or found beside the shards) or, for local files, by reading the
+tar headers. `pipe:` URLs run shell commands and are refused unless `data.allow_pipe`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import tarfile
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import braceexpand
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext
+
+from ebmscale.config import ConfigError
+
+log = logging.getLogger("ebmscale.data")
+
+
+@dataclass
+class Shard:
+    url: str
+    samples: Optional[int]  # None until counted
+    source: int  # index of its `::` part
+    manifest: Optional[dict] = None
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def _join(base: str, name: str) -> str:
+    return name if not is_local(name) or os.path.isabs(name) or not base else posixpath.join(base, name)
+
+
+def _read_json(url: str) -> dict:
+    with gopen(url) as f:
+        return json.loads(f.read())
+
+
+def _from_manifest(url: str, source: int) -> List[Shard]:
+    m = _read_json(url)
+    if not m.get("complete", True):
+        raise ConfigError(f"data.shards: {url} is incomplete (tools/make_shards.py was interrupted or is still "
+                          f"running); re-run the same make_shards command to finish it")
+    base = posixpath.dirname(url)
+    return [Shard(_join(base, s["name"]), s.get("samples"), source, m) for s in m["shards"]]
+
+
+def _from_list(url: str, source: int) -> List[Shard]:
+    with gopen(url) as f:
+        lines = [ln.strip() for ln in f.read().decode().splitlines()]
+    return [Shard(_join(posixpath.dirname(url), ln), None, source) for ln in lines if ln and not ln.startswith("#")]
+
+
+def _refuse_pipe(url: str) -> None:
+    raise ConfigError(f"data.shards: '{url}' is a pipe: URL, which runs a shell command; "
+                      f"set data.allow_pipe=true only if you trust where this config came from")
+
+
+def list_shards(spec: str, allow_pipe: bool = False) -> List[Shard]:
+    """Expand `data.shards` (no counting, no existence check)."""
+    shards: List[Shard] = []
+    for i, part in enumerate(p.strip() for p in spec.split("::")):
+        if part.startswith("pipe:") and not allow_pipe:
+            _refuse_pipe(part)
+        if part.endswith(".json"):
+            shards += _from_manifest(part, i)
+        elif part.endswith((".txt", ".list")):
+            shards += _from_list(part, i)
+        else:
+            shards += [Shard(u, None, i) for u in braceexpand.braceexpand(part)]
+    for s in shards:
+        if s.url.startswith("pipe:") and not allow_pipe:
+            _refuse_pipe(s.url)
+    return shards
+
+
+def _count_tar(path: str) -> int:
+    """Samples (distinct keys) in a local tar, reading only the headers; a truncated tar counts what is there."""
+    keys = set()
+    try:
+        with tarfile.open(path) as tar:
+            for m in tar:
+                if m.isreg():
+                    keys.add(base_plus_ext(m.name)[0])
+    except (tarfile.TarError, OSError, EOFError):
+        pass
+    return len(keys)
+
+
+def count_samples(shards: List[Shard]) -> None:
+    """Fill in `samples`: from a manifest.json beside the shards, else (local files) from the tar headers."""
+    beside: Dict[str, tuple] = {}  # folder -> (manifest or None, {name: samples})
+    for s in shards:
+        if s.samples is not None:
+            continue
+        folder = posixpath.dirname(s.url)
+        if folder not in beside:
+            try:
+                m = None if s.url.startswith("pipe:") else _read_json(posixpath.join(folder, "manifest.json"))
+            except Exception:
+                m = None
+            beside[folder] = (m, {e["name"]: e["samples"] for e in m["shards"]} if m else {})
+        m, counts = beside[folder]
+        s.samples = counts.get(posixpath.basename(s.url))
+        s.manifest = m if s.samples is not None else None
+    unknown = [s for s in shards if s.samples is None]
+    if any(not is_local(s.url) for s in unknown):
+        raise ConfigError(f"data.shards: cannot count the samples of {len(unknown)} remote shards (e.g. "
+                          f"{unknown[0].url}); point data.shards at a manifest.json listing them with their counts "
+                          f"(tools/make_shards.py writes one)")
+    if len(unknown) > 20:
+        log.warning(f"counting samples by reading the headers of {len(unknown)} shards; "
+                    f"a manifest.json beside them makes this instant")
+    for s in unknown:
+        s.samples = _count_tar(s.url)
+
+
+def _hint(spec: str) -> str:
+    if "digits" in spec:
+        return "python tools/make_shards.py digits data/digits"
+    out = posixpath.dirname(spec.split("::")[0]) or "OUT_DIR"
+    return f"python tools/make_shards.py {{imagenet,folder,flat,cifar10}} SRC {out}"
+
+
+def resolve(data_cfg) -> List[Shard]:
+    """list_shards plus the checks a launcher wants before queueing: something matches, local files readable."""
+    spec = data_cfg.shards
+    try:
+        shards = list_shards(spec, data_cfg.allow_pipe)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"data.shards: cannot read '{spec}' ({type(e).__name__}: {e}); "
+                          f"make the shards first: {_hint(spec)}") from None
+    bad = [s.url for s in shards if is_local(s.url) and not (os.path.isfile(s.url) and os.access(s.url, os.R_OK))]
+    if not shards or len(bad) == len(shards):
+        raise ConfigError(f"data.shards: nothing matches '{spec}'; make the shards first: {_hint(spec)}")
+    if bad:
+        raise ConfigError(f"data.shards: {len(bad)} of {len(shards)} shards are missing or unreadable "
+                          f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); re-run make_shards "
+                          f"(it skips complete shards) or fix the pattern in '{spec}'")
+    return shards
+
+
+def check_shards(data_cfg) -> List[str]:
+    """The shard URLs of `data.shards`, or a ConfigError naming data.shards and the fix."""
+    return [s.url for s in resolve(data_cfg)]

@@ -1,0 +1,43 @@
+"""Evaluation images straight from shards: deterministic order, no augmentation, no dequantization."""
+from __future__ import annotations
+
+import io
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+from webdataset.tariterators import tarfile_samples
+
+from ebmscale.data.images import fit, to_mode
+from ebmscale.data.shards import list_shards
+from ebmscale.data.stream import IMAGE_KEYS
+
+
+def iter_images(spec: str, size: int, channels: int, limit: int | None = None, batch: int = 1000,
+                allow_pipe: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The first `limit` images of `spec` (any `data.shards` form) in shard order, fitted to size x size x
+    channels as the shard writer does, in batches: (uint8 [B, C, H, W], labels int64 [B]; 0 without .cls)."""
+    xs, ys, n = [], [], 0
+    for s in tarfile_samples({"url": sh.url} for sh in list_shards(spec, allow_pipe)):
+        ext = next((k for k in IMAGE_KEYS if k in s), None)
+        if ext is None:
+            continue
+        img = fit(to_mode(Image.open(io.BytesIO(s[ext])), channels), size)
+        xs.append(np.asarray(img, np.uint8).reshape(size, size, channels).transpose(2, 0, 1))
+        ys.append(int(s["cls"]) if "cls" in s else 0)
+        n += 1
+        if len(xs) == batch or n == limit:
+            yield np.stack(xs), np.asarray(ys, np.int64)
+            xs, ys = [], []
+        if n == limit:
+            return
+    if xs:
+        yield np.stack(xs), np.asarray(ys, np.int64)
+    if n == 0:
+        raise ValueError(f"no images found in {spec}")
+
+
+def read_images(spec: str, size: int, channels: int, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """iter_images, all at once: (x float32 [N, C, H, W] in [0, 1], labels)."""
+    xs, ys = zip(*iter_images(spec, size, channels, limit))
+    return np.concatenate(xs).astype(np.float32) / 255, np.concatenate(ys)

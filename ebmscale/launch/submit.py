@@ -1,0 +1,322 @@
+"""Submit a TrainJob through submitit: SLURM (sbatch + srun) or this machine (LocalExecutor)."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+
+from ebmscale.config import ConfigError
+from ebmscale.launch.checks import tasks_per_node
+from ebmscale.launch.job import LOG_NAME, TrainJob
+
+# variables of an outer launcher that must not leak into the job (they would override the job's own)
+SCRUB = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
+         "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "GONE")
+SUBMITIT_DIR = "submitit"
+
+
+def submitit_folder(out: Path) -> Path:
+    return out / SUBMITIT_DIR
+
+
+def scrub_env() -> None:
+    for k in SCRUB:
+        os.environ.pop(k, None)
+
+
+def setup_lines(cfg: DictConfig) -> List[str]:
+    """Shell lines run before the tasks start: the venv's bin first on PATH (one `ninja` for
+    DeepSpeed's op builds, the python that submitted), then the site's launcher.setup."""
+    bindir = str(Path(sys.executable).parent)
+    return [f"export PATH={shlex.quote(bindir)}:\"$PATH\""] + list(cfg.launcher.setup)
+
+
+def slurm_parameters(cfg: DictConfig) -> Dict[str, Any]:
+    lc = cfg.launcher
+    extra = OmegaConf.to_container(lc.additional_parameters, resolve=True) if lc.additional_parameters else {}
+    params: Dict[str, Any] = dict(
+        job_name=cfg.run.name,
+        nodes=lc.nodes,
+        ntasks_per_node=tasks_per_node(lc),
+        cpus_per_task=lc.cpus_per_task,
+        time=lc.time_min,
+        signal_delay_s=lc.signal_delay_s,
+        stderr_to_stdout=True,
+        setup=setup_lines(cfg),
+        srun_args=["--kill-on-bad-exit=1"],
+        additional_parameters={"requeue": True, "chdir": os.getcwd(), **extra},
+    )
+    if lc.gpus_per_node > 0:
+        params["gpus_per_node"] = lc.gpus_per_node
+    for key in ("partition", "account", "qos", "constraint"):
+        if lc[key]:
+            params[key] = lc[key]
+    if lc.mem_gb:
+        params["mem"] = f"{int(lc.mem_gb)}GB"
+    return params
+
+
+def submitit_command(folder: Path) -> str:
+    return " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+
+
+def render_sbatch(cfg: DictConfig, folder: Path) -> str:
+    """The sbatch script submitit will write for this config (same function, same parameters)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+    return _make_sbatch_string(command=submitit_command(folder), folder=folder, **slurm_parameters(cfg))
+
+
+def sbatch_test_only(script: str) -> str:
+    """`sbatch --test-only`: SLURM checks partition, account, sizes and limits; nothing is queued."""
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as f:
+        f.write(script)
+    try:
+        res = subprocess.run(["sbatch", "--test-only", f.name], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"note: sbatch --test-only did not run ({e})"
+    finally:
+        os.unlink(f.name)
+    msg = (res.stderr + res.stdout).strip()
+    if res.returncode != 0:
+        reason = msg.replace("sbatch: error: ", "").splitlines()
+        raise ConfigError(f"launcher: SLURM refuses this job (sbatch --test-only): {'; '.join(reason)}; check "
+                          f"launcher.partition / account / qos / time_min / nodes / cpus_per_task / gpus_per_node")
+    return f"slurm: {msg.replace('sbatch: ', '')}"
+
+
+def local_nproc(cfg: DictConfig, nproc: Optional[int]) -> Tuple[int, int]:
+    """(processes, GPUs) for --local: --nproc, else one per visible GPU, else 2 CPU processes."""
+    try:
+        import torch
+        ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:  # pragma: no cover
+        ngpu = 0
+    if nproc is not None:
+        if nproc < 1:
+            raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+        if ngpu and nproc > ngpu:
+            raise ConfigError(f"--nproc {nproc}: this machine has {ngpu} GPU(s) and ebmscale runs one process "
+                              f"per GPU")
+        return nproc, (nproc if ngpu else 0)
+    return (ngpu, ngpu) if ngpu else (2, 0)
+
+
+def _visible_gpus() -> Tuple[int, ...]:
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    parts = [p.strip() for p in vis.split(",") if p.strip()]
+    return tuple(int(p) for p in parts) if parts and all(p.isdigit() for p in parts) else ()
+
+
+def write_launch_info(out: Path, info: Dict[str, Any]) -> None:
+    info = {**info, "submitted": datetime.datetime.now().isoformat(timespec="seconds"),
+            "host": socket.gethostname(), "cwd": os.getcwd(), "command": sys.argv}
+    tmp = out / "launch.json.tmp"
+    tmp.write_text(json.dumps(info, indent=1))
+    os.replace(tmp, out / "launch.json")
+
+
+def submit_slurm(cfg: DictConfig):
+    import submitit
+    out = Path(cfg.run.dir)
+    folder = submitit_folder(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    scrub_env()
+    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=max(cfg.launcher.max_requeues, 1))
+    ex.update_parameters(**slurm_parameters(cfg))
+    job = ex.submit(TrainJob(cfg))
+    write_launch_info(out, {"executor": "slurm", "job_id": job.job_id, "submitit_folder": str(folder),
+                            "ntasks": cfg.launcher.nodes * tasks_per_node(cfg.launcher),
+                            "log": str(folder / f"{job.job_id}_0_log.out")})
+    return job
+
+
+def submit_local(cfg: DictConfig, nproc: int, ngpu: int):
+    import submitit
+    from ebmscale.distributed import free_port
+    out = Path(cfg.run.dir)
+    folder = submitit_folder(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    scrub_env()
+    # one rendezvous port for this launch (the controller passes our environment to the tasks)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(free_port())
+    ex = submitit.LocalExecutor(folder=folder, max_num_timeout=max(cfg.launcher.max_requeues, 1))
+    params: Dict[str, Any] = dict(timeout_min=cfg.launcher.time_min, tasks_per_node=nproc,
+                                  gpus_per_node=ngpu, signal_delay_s=cfg.launcher.signal_delay_s,
+                                  stderr_to_stdout=True, setup=setup_lines(cfg))
+    if ngpu and _visible_gpus():
+        params["visible_gpus"] = _visible_gpus()
+    ex.update_parameters(**params)
+    try:
+        job = ex.submit(TrainJob(cfg))
+    finally:
+        for k in ("MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(k, None)
+    write_launch_info(out, {"executor": "local", "job_id": job.job_id, "pid": job.job_id, "ntasks": nproc,
+                            "submitit_folder": str(folder), "log": str(folder / f"{job.job_id}_0_log.out")})
+    return job
+
+
+# ---- waiting and reporting ----------------------------------------------------------------------
+def slurm_state(job_id: str) -> str:
+    """The job's state from sacct (through requeues), else squeue; GONE when neither knows it."""
+    if shutil.which("sacct"):
+        try:
+            res = subprocess.run(["sacct", "-n", "-P", "-X", "-j", str(job_id), "-o", "State"],
+                                 capture_output=True, text=True, timeout=60)
+            lines = [x.strip() for x in res.stdout.splitlines() if x.strip()]
+            if res.returncode == 0 and lines:
+                return lines[-1].split()[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        res = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
+                             timeout=60)
+        state = res.stdout.strip()
+        return state.split()[0] if state else "GONE"
+    except (OSError, subprocess.SubprocessError):
+        return "UNKNOWN"
+
+
+def _log_path(folder: Path, job_id: str, rank: int) -> Path:
+    from submitit.core.utils import JobPaths
+    return JobPaths(folder, job_id=job_id, task_id=rank).stdout
+
+
+def task_result(folder: Path, job_id: str, rank: int) -> Tuple[Optional[str], Any]:
+    from submitit.core.utils import JobPaths, pickle_load
+    path = JobPaths(folder, job_id=job_id, task_id=rank).result_pickle
+    if not path.exists():
+        return None, None
+    try:
+        return pickle_load(path)
+    except Exception as e:  # pragma: no cover
+        return "error", f"unreadable result {path}: {e}"
+
+
+def tail(path: Path, n: int = 40) -> str:
+    if not path.exists():
+        return f"(no log at {path})"
+    lines = path.read_text(errors="replace").splitlines()
+    return "\n".join(lines[-n:])
+
+
+class LogFollower:
+    """Prints what a log file gains (the rank-0 log while waiting)."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path, self.pos, self.enabled = path, 0, enabled
+
+    def poll(self) -> None:
+        if not self.enabled or not self.path.exists():
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self.pos)
+            data = f.read()
+        if data:
+            cut = data.rfind(b"\n") + 1  # whole lines only
+            if cut:
+                sys.stdout.write(data[:cut].decode(errors="replace"))
+                sys.stdout.flush()
+                self.pos += cut
+
+
+_PEER_ERRORS = ("Connection closed by peer", "Connection reset by peer", "timed out", "Timeout", "NCCL",
+                "Broken pipe", "ProcessGroup")
+
+
+def report(folder: Path, job_id: str, ntasks: int, out: Path, state: str) -> int:
+    """Print the outcome from the tasks' result files; 0 completed, 3 stopped/preempted, 1 failed."""
+    results = {r: task_result(folder, job_id, r) for r in range(ntasks)}
+    errors = {r: v for r, (kind, v) in results.items() if kind == "error"}
+    kind0, val0 = results[0]
+    if not errors and kind0 == "success" and isinstance(val0, dict):
+        outcome = val0.get("outcome")
+        if outcome == "completed":
+            print(f"COMPLETED: job {job_id} finished training (attempt {val0.get('attempt')}).")
+            print(f"run folder: {out}")
+            return 0
+        print(f"STOPPED: job {job_id} ended with outcome '{outcome}' ({val0.get('reason') or 'stop request'}); a "
+              f"committed checkpoint is in {out}/checkpoints. Relaunch the same command to resume.")
+        print(f"run folder: {out}")
+        return 3
+    if errors:
+        # the root cause is usually the rank whose error is not about losing its peers
+        ranks = sorted(errors, key=lambda r: (any(p in str(errors[r]) for p in _PEER_ERRORS), r))
+        bad = ranks[0]
+        last = [x for x in str(errors[bad]).strip().splitlines() if x.strip()]
+        print(f"FAILED: job {job_id}, rank {bad} raised: {last[-1] if last else '?'}", file=sys.stderr)
+        if len(errors) > 1:
+            print(f"(ranks with errors: {', '.join(map(str, sorted(errors)))})", file=sys.stderr)
+    else:
+        bad = next((r for r, (k, _) in results.items() if k is None), 0)
+        print(f"FAILED: job {job_id} ended ({state}) without a result from rank {bad} (killed, out of memory, "
+              f"time limit or node failure?)", file=sys.stderr)
+    log = _log_path(folder, job_id, bad)
+    print(f"--- last lines of rank {bad}'s log {log} ---", file=sys.stderr)
+    print(tail(log), file=sys.stderr)
+    print("---", file=sys.stderr)
+    print(f"run folder: {out}  (events: {out / LOG_NAME}; relaunching the same command resumes from the last "
+          f"committed checkpoint)", file=sys.stderr)
+    return 1
+
+
+def wait_local(job, nproc: int, out: Path, follow: bool = True, peer_grace_s: float = 30.0) -> int:
+    folder = submitit_folder(out)
+    follower = LogFollower(_log_path(folder, job.job_id, 0), follow)
+    first_error: Optional[float] = None
+    try:
+        while not job.done():
+            follower.poll()
+            # a crashed rank leaves the others blocked in a collective: stop the job after a grace period
+            if any(task_result(folder, job.job_id, r)[0] == "error" for r in range(nproc)):
+                first_error = first_error or time.time()
+                if time.time() - first_error > peer_grace_s:
+                    job.cancel()
+                    time.sleep(2)
+                    break
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        job.cancel()
+        print(f"\ninterrupted: the local job was stopped. Relaunch the same command to resume from the last "
+              f"committed checkpoint in {out}", file=sys.stderr)
+        return 130
+    follower.poll()
+    return report(folder, job.job_id, nproc, out, job.state)
+
+
+def wait_slurm(job_id: str, ntasks: int, out: Path, follow: bool = True, poll_s: float = 5.0) -> int:
+    folder = submitit_folder(out)
+    follower = LogFollower(_log_path(folder, job_id, 0), follow)
+    last, t0 = None, time.time()
+    try:
+        while True:
+            state = slurm_state(job_id)
+            if state == "GONE" and time.time() - t0 < 30:
+                state = "PENDING"  # accounting lags a fresh submission
+            follower.poll()
+            if state != last:
+                print(f"[launch] job {job_id}: {state}", flush=True)
+                last = state
+            if state.startswith(FINAL_STATES):
+                break
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        print(f"\nstopped waiting; job {job_id} keeps running (scancel {job_id} to stop it)", file=sys.stderr)
+        return 130
+    time.sleep(1)
+    follower.poll()
+    return report(folder, job_id, ntasks, out, state)

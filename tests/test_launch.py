@@ -1,0 +1,369 @@
+"""The launcher without a cluster: config errors before submission, --dry-run's sbatch script,
+profile/flag precedence, rank detection from fake SLURM / torchrun / submitit environments, the job's
+requeue bookkeeping; and (slow) real --local runs through submitit's LocalExecutor."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+from omegaconf import OmegaConf
+
+from ebmscale import distributed
+from ebmscale.config import CONFIG_DIR, ConfigError
+from ebmscale.launch import checks, cli, submit
+from ebmscale.launch.job import TrainJob, adjust_for_attempt
+from ebmscale.launch.resolve import resolve_config
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = str(CONFIG_DIR / "digits.yaml")
+
+
+@pytest.fixture
+def no_slurm(monkeypatch, tmp_path):
+    """A PATH without sbatch/sinfo/squeue/scontrol, and a launcher that must not submit."""
+    empty = tmp_path / "emptybin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+
+    def refuse(*a, **k):
+        raise AssertionError("nothing may be submitted here")
+    monkeypatch.setattr(submit, "submit_slurm", refuse)
+    monkeypatch.setattr(submit, "submit_local", refuse)
+
+
+@pytest.fixture
+def fake_data(monkeypatch):
+    monkeypatch.setattr(checks, "check_data", lambda cfg: "data: (not checked in this test)")
+
+
+def run_cli(argv, capsys):
+    rc = cli.launch_main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# ---- errors before submission -------------------------------------------------------------------
+@pytest.mark.parametrize("override,key", [
+    ("model.arch=bogus", "model.arch"),
+    ("model.nonsense=1", "model.nonsense"),
+    ("buffer.capacity=8", "buffer.capacity"),
+    ("launcher.time_min=1", "launcher.signal_delay_s"),
+    ("run.dir=/proc/ebmscale-cannot-write", "run.dir"),
+])
+def test_config_error_exits_2_before_submission(no_slurm, fake_data, capsys, tmp_path, override, key):
+    argv = ["--dry-run", DIGITS, f"run.dir={tmp_path / 'run'}", override]
+    rc, out, err = run_cli(argv, capsys)
+    assert rc == 2
+    assert err.startswith("config error: ") and key in err
+    assert len(err.strip().splitlines()) == 1, err  # one clear message, no traceback
+    assert "#SBATCH" not in out
+
+
+def test_missing_data_shards_is_a_config_error(no_slurm, capsys, tmp_path):
+    rc, out, err = run_cli(["--dry-run", DIGITS, f"run.dir={tmp_path / 'run'}",
+                            f"data.shards={tmp_path}/none-{{000000..000003}}.tar"], capsys)
+    assert rc == 2 and "data.shards" in err
+
+
+def test_unbuildable_model_is_a_config_error(no_slurm, fake_data, capsys, tmp_path, monkeypatch):
+    import ebmscale.models
+
+    def broken(cfg):
+        raise RuntimeError("size mismatch in block 3")
+    monkeypatch.setattr(ebmscale.models, "build_model", broken)
+    rc, out, err = run_cli(["--dry-run", DIGITS, f"run.dir={tmp_path / 'run'}"], capsys)
+    assert rc == 2 and err.startswith("config error: model:") and "size mismatch" in err
+
+
+def test_slurm_launch_without_sbatch_is_a_clear_error(no_slurm, fake_data, capsys, tmp_path):
+    rc, out, err = run_cli([DIGITS, f"run.dir={tmp_path / 'run'}"], capsys)
+    assert rc == 2 and "sbatch is not on PATH" in err and "--local" in err
+
+
+def test_run_folder_in_use_by_a_live_job(no_slurm, fake_data, capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)  # submitit"])
+    try:
+        (run / "launch.json").write_text(json.dumps({"executor": "local", "job_id": str(proc.pid),
+                                                     "pid": proc.pid}))
+        rc, out, err = run_cli(["--dry-run", DIGITS, f"run.dir={run}"], capsys)
+        assert rc == 2 and "in use" in err and str(proc.pid) in err
+    finally:
+        proc.kill()
+        proc.wait()
+    rc, out, err = run_cli(["--dry-run", DIGITS, f"run.dir={run}"], capsys)
+    assert rc == 0, err
+
+
+# ---- --dry-run -----------------------------------------------------------------------------------
+def test_dry_run_prints_sbatch_script_and_config(no_slurm, fake_data, capsys, tmp_path):
+    run = tmp_path / "runs" / "r1"
+    rc, out, err = run_cli(["--dry-run", "--nodes", "3", "--time", "90", "--partition", "cpu", "--account", "proj",
+                            DIGITS, f"run.dir={run}", "launcher.signal_delay_s=150",
+                            "launcher.setup=[module load foo]"], capsys)
+    assert rc == 0, err
+    for line in ("#SBATCH --nodes=3", "#SBATCH --ntasks-per-node=1", "#SBATCH --signal=USR2@150",
+                 "#SBATCH --requeue", "#SBATCH --time=90", "#SBATCH --partition=cpu", "#SBATCH --account=proj",
+                 "#SBATCH --open-mode=append", f"#SBATCH --output={run}/submitit/%j_0_log.out",
+                 f"#SBATCH --chdir={os.getcwd()}", "module load foo", "export SUBMITIT_EXECUTOR=slurm"):
+        assert line in out, line
+    assert "--kill-on-bad-exit=1" in out and "-m submitit.core._submit" in out
+    assert f"export PATH={Path(sys.executable).parent}" in out  # the venv's ninja first
+    cfg = OmegaConf.create(out.split("# ---- resolved config ----", 1)[1])
+    assert cfg.launcher.nodes == 3 and cfg.launcher.time_min == 90 and cfg.run.dir == str(run)
+    assert not run.exists() and not run.parent.exists()  # a dry run creates nothing
+
+
+def test_dry_run_gpu_nodes_one_task_per_gpu(no_slurm, fake_data, capsys, tmp_path):
+    rc, out, err = run_cli(["--dry-run", "--nodes", "4", str(CONFIG_DIR / "imagenet128.yaml"),
+                            f"run.dir={tmp_path / 'in128'}"], capsys)
+    assert rc == 0, err
+    assert "#SBATCH --gpus-per-node=8" in out and "#SBATCH --ntasks-per-node=8" in out
+    assert "#SBATCH --nodes=4" in out and "#SBATCH --cpus-per-task=10" in out and "#SBATCH --time=2880" in out
+    rc, out, err = run_cli(["--dry-run", "--nproc", "2", str(CONFIG_DIR / "imagenet128.yaml"),
+                            f"run.dir={tmp_path / 'in128'}"], capsys)
+    assert rc == 2 and "one task per GPU" in err
+
+
+def test_dry_run_local(no_slurm, fake_data, capsys, tmp_path):
+    rc, out, err = run_cli(["--dry-run", "--local", "--nproc", "3", DIGITS, f"run.dir={tmp_path / 'r'}"], capsys)
+    assert rc == 0, err
+    assert "3 process(es) on this machine" in out and "#SBATCH" not in out
+    rc, out, err = run_cli(["--dry-run", "--local", "--nodes", "2", DIGITS, f"run.dir={tmp_path / 'r'}"], capsys)
+    assert rc == 2 and "launcher.nodes" in err
+
+
+def test_rendered_script_is_what_submitit_writes(tmp_path, monkeypatch):
+    """--dry-run's script and the one SlurmExecutor submits come from the same parameters."""
+    import submitit
+    cfg = resolve_config(DIGITS, [f"run.dir={tmp_path}", "launcher.nodes=2"])
+    folder = submit.submitit_folder(tmp_path)
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1))
+    ex = submitit.SlurmExecutor(folder=folder)
+    ex.update_parameters(**submit.slurm_parameters(cfg))
+    assert ex._make_submission_file_text(ex._submitit_command_str, "x") == submit.render_sbatch(cfg, folder)
+
+
+# ---- precedence ----------------------------------------------------------------------------------
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def test_profile_under_config_under_overrides_under_flags(tmp_path, monkeypatch):
+    prof = _write(tmp_path / "site.yaml", "launcher:\n  partition: pprof\n  time_min: 11\n  cpus_per_task: 3\n"
+                                          "  account: acct-prof\n  setup: ['module load x']\ntrain:\n  threads: 4\n")
+    exp = OmegaConf.load(DIGITS)
+    exp.launcher = {"time_min": 22, "cpus_per_task": 5}
+    conf = _write(tmp_path / "exp.yaml", OmegaConf.to_yaml(exp))
+
+    cfg = resolve_config(conf, [], {}, prof)
+    assert cfg.launcher.partition == "pprof"  # profile fills what the config leaves open
+    assert cfg.launcher.time_min == 22 and cfg.launcher.cpus_per_task == 5  # config beats profile
+    assert cfg.train.threads == 4 and cfg.launcher.setup == ["module load x"]
+    assert cfg.launcher.profile == prof
+
+    cfg = resolve_config(conf, ["launcher.time_min=33", "launcher.partition=pover"], {}, prof)
+    assert cfg.launcher.time_min == 33 and cfg.launcher.partition == "pover"  # overrides beat both
+
+    cfg = resolve_config(conf, ["launcher.time_min=33"], {"time": 44, "partition": "pflag", "nodes": 2,
+                                                           "account": None}, prof)
+    assert (cfg.launcher.time_min, cfg.launcher.partition, cfg.launcher.nodes) == (44, "pflag", 2)  # flags win
+    assert cfg.launcher.account == "acct-prof"  # an absent flag changes nothing
+
+
+def test_profile_selection_order(tmp_path, monkeypatch):
+    a = _write(tmp_path / "a.yaml", "launcher:\n  partition: from-a\n")
+    b = _write(tmp_path / "b.yaml", "launcher:\n  partition: from-b\n")
+    c = _write(tmp_path / "c.yaml", "launcher:\n  partition: from-env\n")
+    monkeypatch.setenv("EBMSCALE_PROFILE", c)
+    assert resolve_config(DIGITS).launcher.partition == "from-env"
+    assert resolve_config(DIGITS, [f"launcher.profile={a}"]).launcher.partition == "from-a"
+    assert resolve_config(DIGITS, [f"launcher.profile={a}"], profile=b).launcher.partition == "from-b"
+
+
+def test_shipped_profiles_load_and_unknown_profile_lists_them():
+    for name in ("generic-gpu", "local-test", "generic-cpu"):
+        assert resolve_config(DIGITS, profile=name).launcher.profile == name
+    assert resolve_config(DIGITS, profile="local-test").launcher.partition == "debug"
+    with pytest.raises(ConfigError, match="generic-gpu.*local-test|local-test.*generic-gpu"):
+        resolve_config(DIGITS, profile="no-such-site")
+
+
+def test_bad_key_in_profile_names_the_profile(tmp_path):
+    bad = _write(tmp_path / "bad.yaml", "launcher:\n  partitoin: x\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*partitoin"):
+        resolve_config(DIGITS, profile=bad)
+
+
+# ---- ebmscale.distributed ------------------------------------------------------------------------
+def test_detect_slurm_step(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: submitit's node list parser
+    env = {"SLURM_JOB_ID": "12345", "SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8",
+           "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "2(x4)",
+           "SLURM_STEP_NODELIST": "gpu[003-004,007],gpu010", "SLURM_JOB_NODELIST": "gpu[003-004,007],gpu010"}
+    d = distributed.detect(env, backend="gloo")
+    assert (d.rank, d.world_size, d.local_rank, d.local_world_size) == (3, 8, 1, 2)
+    assert (d.master_addr, d.master_port, d.backend, d.source) == ("gpu003", 20000 + 12345 % 20000, "gloo", "slurm")
+    d = distributed.detect({**env, "MASTER_ADDR": "head", "MASTER_PORT": "29999"}, backend="gloo")
+    assert (d.master_addr, d.master_port) == ("head", 29999)  # sbatch_example.sh's exports win
+    uneven = {**env, "SLURM_NODEID": "3", "SLURM_STEP_TASKS_PER_NODE": "3(x3),1", "SLURM_STEP_NUM_TASKS": "10"}
+    assert distributed.detect(uneven, backend="gloo").local_world_size == 1
+
+
+def test_detect_order_torchrun_local_single(monkeypatch):
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_NODELIST": "n1"}
+    tr = {"RANK": "5", "WORLD_SIZE": "6", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "h",
+          "MASTER_PORT": "1234"}
+    d = distributed.detect({**slurm, **tr}, backend="gloo")
+    assert (d.rank, d.world_size, d.local_rank, d.master_addr, d.master_port, d.source) == \
+        (5, 6, 1, "h", 1234, "torchrun")
+    local = {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_LOCALID": "1",
+             "SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_JOB_ID": "4242", "MASTER_PORT": "31000"}
+    d = distributed.detect({**slurm, **local}, backend="gloo")  # --local inside an salloc shell
+    assert (d.rank, d.world_size, d.local_world_size, d.master_addr, d.master_port, d.source) == \
+        (1, 2, 2, "127.0.0.1", 31000, "submitit-local")
+    d = distributed.detect({}, backend="gloo")
+    assert (d.rank, d.world_size, d.master_addr, d.source) == (0, 1, "127.0.0.1", "single") and d.master_port > 0
+
+
+def test_detect_batch_script_is_not_a_step():
+    env = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "n[1-2]"}
+    with pytest.warns(UserWarning, match="not an srun task"):
+        d = distributed.detect(env, backend="gloo")
+    assert d.world_size == 1 and d.source == "single"
+
+
+def test_export_never_touches_cuda_visible_devices():
+    env = {"CUDA_VISIBLE_DEVICES": "3,4"}
+    distributed.export(distributed.Dist(1, 2, 1, 2, "h", 1234, "nccl"), env)
+    assert env["CUDA_VISIBLE_DEVICES"] == "3,4"
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"], env["MASTER_PORT"]) == \
+        ("1", "2", "1", "h", "1234")
+
+
+def test_tasks_per_node_spec():
+    assert distributed.expand_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+    assert distributed.expand_tasks_per_node("8") == [8]
+
+
+# ---- the job object --------------------------------------------------------------------------------
+def test_job_pickles_and_checkpoint_only_describes_the_resubmission(tmp_path):
+    cfg = resolve_config(DIGITS, [f"run.dir={tmp_path}"])
+    job = cloudpickle.loads(cloudpickle.dumps(TrainJob(cfg)))
+    assert job.cfg["run"]["dir"] == str(tmp_path) and job.requeues == 0
+    before = sorted(tmp_path.iterdir())
+    again = job.checkpoint()
+    assert isinstance(again.function, TrainJob) and again.function.requeues == 1
+    assert again.function.cfg == job.cfg
+    assert sorted(tmp_path.iterdir()) == before  # no I/O
+
+
+def test_requeued_attempt_continues_its_own_run(tmp_path):
+    cfg = resolve_config(DIGITS, [f"run.dir={tmp_path}", "run.overwrite=true", "checkpoint.resume=never"])
+    assert adjust_for_attempt(cfg, 0).run.overwrite is True
+    a = adjust_for_attempt(cfg, 1)
+    assert a.run.overwrite is False and a.checkpoint.resume == "never"  # nothing saved yet: as configured
+    (tmp_path / "checkpoints" / "step_000000010").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_000000010" / "COMMITTED").touch()
+    assert adjust_for_attempt(cfg, 1).checkpoint.resume == "auto"
+
+
+def test_train_cli_arguments():
+    assert cli.parse_train_args(["c.yaml", "a=1", "b.c=2"]) == ("c.yaml", ["a=1", "b.c=2"])
+    rc = cli.train_main([DIGITS, "model.arch=bogus"], entry=lambda cfg: None)
+    assert rc == 2
+
+
+# ---- real local runs (slow) ------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory):
+    pytest.importorskip("sklearn")
+    out = ROOT / "data" / "digits"
+    if not (out / "manifest.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "digits", str(out)], check=True,
+                       cwd=ROOT, capture_output=True, timeout=300)
+    return f"data.shards={out}/digits-{{000000..000003}}.tar"
+
+
+def _launch(args, **kw):
+    env = {**os.environ, "EBMSCALE_SELFTEST_STEP_S": "0.1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "tools" / "launch.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _task_pids(folder: Path):
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmd = (p / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"submitit.core._submit" in cmd and str(folder).encode() in cmd:
+                pids.append(int(p.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_local_launch_preempt_requeue_resume(tmp_path, digits_shards):
+    """--local: SIGUSR2 to every task -> stop at a step boundary, save, rank 0 requeues (exit 144),
+    submitit's controller restarts the tasks, they resume from the saved step and complete."""
+    run = tmp_path / "run"
+    proc = _launch(["--local", "--nproc", "2", DIGITS, f"run.dir={run}", digits_shards, "train.steps=60",
+                    "checkpoint.every=1000", "train.log_every=10", "launcher.entry=ebmscale.launch.selftest:main"])
+    state = run / "selftest.json"
+    deadline = time.time() + 240
+
+    def training() -> bool:
+        logs = list(run.glob("submitit/*_0_log.out"))
+        return bool(logs) and "[selftest] step 10/" in logs[0].read_text(errors="replace")
+    while not training():
+        assert time.time() < deadline and proc.poll() is None, "the local job did not start training"
+        time.sleep(0.5)
+    pids = _task_pids(run / "submitit")
+    assert len(pids) == 2, pids
+    for pid in pids:
+        os.kill(pid, signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "COMPLETED" in out and f"run folder: {run}" in out
+    log = (run / "launcher.log").read_text()
+    assert "PREEMPTED by SIGUSR2" in log and "requeued (1/" in log and "attempt 2 started" in log, log
+    assert "COMPLETED" in log.splitlines()[-1]
+    s = json.loads(state.read_text())
+    assert s["step"] == 60 and s["outcome"] == "completed"
+    assert len(s["attempts"]) == 2 and 0 < s["attempts"][1]["start_step"] < 60
+
+
+@pytest.mark.slow
+def test_local_launch_failing_rank_is_reported(tmp_path, digits_shards):
+    run = tmp_path / "run"
+    proc = _launch(["--local", "--nproc", "2", "--quiet", DIGITS, f"run.dir={run}", digits_shards,
+                    "launcher.entry=ebmscale.launch.no_such_module:main"])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out
+    assert "FAILED" in out and "ModuleNotFoundError" in out and "last lines of rank" in out
+    assert "FAILED on rank 0" in (run / "launcher.log").read_text()
+
+
+@pytest.mark.slow
+def test_local_launch_trains_digits(tmp_path, digits_shards):
+    """The CPU demo path with the real trainer: 2 processes, DeepSpeed over gloo."""
+    if not (ROOT / "ebmscale" / "train" / "main.py").exists():
+        pytest.skip("the trainer (ebmscale/train/main.py) is not there yet")
+    run = tmp_path / "run"
+    proc = _launch(["--local", "--quiet", DIGITS, f"run.dir={run}", digits_shards, "model.filters=8",
+                    "sampler.steps=5", "train.steps=12", "checkpoint.every=6", "train.log_every=4",
+                    "tracking.every=4", "train.threads=1"])
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert f"run folder: {run}" in out
+    assert (run / "checkpoints" / "step_000000012" / "COMMITTED").exists()
+    assert json.loads((run / "tracking.json").read_text())["run_id"]

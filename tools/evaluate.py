@@ -1,0 +1,191 @@
+"""Evaluate a trained run as the paper does. Results go to a JSON (default RUN/eval/<task>_step<step>.json) and to
+the run's MLflow run as eval/* metrics and pictures.
+
+  python tools/evaluate.py digits-classifier runs/digits_classifier.pt             # the digits feature network
+  python tools/evaluate.py fid SAMPLES.npz --classifier runs/digits_classifier.pt  # FID + IS (digits features)
+  python tools/evaluate.py fid SAMPLES.npz --inception weights-inception-2015-12-05-6726825d.pth
+  python tools/evaluate.py is SAMPLES.npz --inception W.pth
+  python tools/evaluate.py accuracy SAMPLES.npz --classifier runs/digits_classifier.pt
+  python tools/evaluate.py ood RUN_DIR --source svhn=data/svhn/manifest.json
+  python tools/evaluate.py restore RUN_DIR --task inpaint denoise
+SAMPLES.npz come from tools/sample.py, which records the run they belong to.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+
+from ebmscale.config import from_yaml_file
+from ebmscale.eval.report import Report
+from ebmscale.tracking.pictures import image_grid
+
+
+def load_samples(path: str, run: str | None):
+    d = np.load(path)
+    images = d["images"]
+    run = Path(run) if run else (Path(str(d["run"])) if "run" in d else None)
+    return images.astype(np.float32) / 255 if images.dtype == np.uint8 else images, d["labels"], run, \
+        int(d["step"]) if "step" in d else 0
+
+
+def run_shards(run: Path | None, shards: str | None) -> str:
+    if shards:
+        return shards
+    if run is None or not (run / "config.yaml").exists():
+        raise SystemExit("--shards is needed: the samples name no run folder with a config.yaml")
+    return from_yaml_file(run / "config.yaml").data.shards
+
+
+def device_of(a) -> str:
+    return a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cmd_digits_classifier(a) -> dict:
+    from ebmscale.eval.classifier import digits_as_shards, save_classifier, train_classifier
+    x, y = digits_as_shards()
+    model, acc = train_classifier(x, y, a.epochs, a.seed)
+    save_classifier(model, a.out, held_out_accuracy=acc, data="sklearn digits 16x16 as tools/make_shards.py")
+    print(f"held-out accuracy {acc:.4f} -> {a.out}")
+    return {"held_out_accuracy": acc}
+
+
+def cmd_fid(a, with_fid: bool = True) -> dict:
+    from ebmscale.eval.fid import feature_net, fid_and_is, reference_stats
+    x, _, run, step = load_samples(a.samples, a.run)
+    try:
+        net = feature_net(a.inception, a.classifier, device_of(a))
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise SystemExit(str(e))
+    ref = reference_stats(net, run_shards(run, a.shards), x.shape[2], x.shape[1], a.ref_limit, run) if with_fid else None
+    res = fid_and_is(net, x, ref, a.splits)
+    tag = "" if net.key.startswith("inception") else "_classifier"
+    report = Report("fid" if with_fid else "is", run, step, a.json)
+    report.add({f"{k}{tag}": v for k, v in res.items() if k != "n"}, samples=a.samples, n=res["n"],
+               feature_net=net.key)
+    report.image("samples", image_grid(x[:100], nrow=10))
+    return report.finish()
+
+
+def cmd_accuracy(a) -> dict:
+    from ebmscale.eval.classifier import load_classifier, predict
+    x, y, run, step = load_samples(a.samples, a.run)
+    pred = predict(load_classifier(a.classifier, device_of(a)), x)
+    per_class = {int(c): float((pred[y == c] == c).mean()) for c in np.unique(y)}
+    report = Report("accuracy", run, step, a.json)
+    report.add({"accuracy": (pred == y).mean(), **{f"accuracy/class_{c}": v for c, v in per_class.items()}},
+               samples=a.samples, n=len(y), classifier=a.classifier)
+    return report.finish()
+
+
+def load_models(a):
+    from ebmscale.eval.loading import load_ensemble
+    models, cfg, ckpt, step = load_ensemble(a.run, a.ensemble, device_of(a))
+    return models, cfg, Path(ckpt).parent.parent, step
+
+
+def cmd_ood(a) -> dict:
+    from ebmscale.eval.data import read_images
+    from ebmscale.eval.ood import aurocs, energy_scores, histograms, roc_curves, synthetic
+    models, cfg, run, step = load_models(a)
+    m = cfg.model
+    x_in, _ = read_images(run_shards(run, a.shards), m.resolution, m.in_channels, a.n)
+    rng = np.random.default_rng(a.seed)
+    sources = {k: synthetic(k, x_in, rng) for k in a.synthetic}
+    for item in a.source:
+        name, _, spec = item.partition("=")
+        sources[name] = read_images(spec, m.resolution, m.in_channels, a.n)[0]
+    score = lambda x: energy_scores(models, x, m.num_classes, a.score)
+    s_in = score(x_in)
+    s_out = {k: score(x) for k, x in sources.items()}
+    auc = aurocs(s_in, s_out)
+    report = Report("ood", run, step, a.json)
+    report.add({f"ood/auroc_{k}": v for k, v in auc.items()}, n_in=len(x_in), score=a.score,
+               energy_mean={"in-distribution": float(np.mean(s_in)), **{k: float(np.mean(s)) for k, s in s_out.items()}})
+    report.image("ood/histograms", histograms(s_in, s_out))
+    report.image("ood/roc", roc_curves(s_in, s_out))
+    report.image("ood/examples", image_grid(np.concatenate([x_in[:10], *[x[:10] for x in sources.values()]]), nrow=10))
+    return report.finish()
+
+
+def cmd_restore(a) -> dict:
+    from ebmscale.eval.data import read_images
+    from ebmscale.eval.restore import denoise, inpaint
+    models, cfg, run, step = load_models(a)
+    m, s = cfg.model, cfg.sampler
+    x, y = read_images(run_shards(run, a.shards), m.resolution, m.in_channels, a.n)
+    labels = y if m.num_classes > 0 else None
+    langevin = dict(steps=a.steps or 2 * s.steps, step_size=a.step_size or s.step_size,
+                    noise=s.noise if a.noise is None else a.noise,
+                    grad_clip=s.grad_clip if a.grad_clip is None else (a.grad_clip or None), seed=a.seed)
+    report = Report("restore", run, step, a.json)
+    for task in a.task:
+        res, ims = inpaint(models, x, labels, a.mask, **langevin) if task == "inpaint" else \
+            denoise(models, x, labels, a.sigma, **langevin)
+        report.add({f"{task}/{k}": v for k, v in res.items()})
+        report.image(f"{task}", image_grid(np.concatenate([x[:16], ims["input"][:16], ims["restored"][:16]]), nrow=16))
+    report.add({}, n=len(x), mask=a.mask, sigma=a.sigma, langevin=langevin)
+    return report.finish()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", help="where the results go (default RUN/eval/<task>_step<step>.json)")
+    common.add_argument("--device", help="default: cuda if available, else cpu")
+    common.add_argument("--seed", type=int, default=0)
+
+    c = sub.add_parser("digits-classifier", parents=[common], help="train the digits CNN (feature network)")
+    c.add_argument("out")
+    c.add_argument("--epochs", type=int, default=30)
+    for name in ("fid", "is", "accuracy"):
+        c = sub.add_parser(name, parents=[common], help={"fid": "FID and IS of samples", "is": "IS of samples",
+                                                         "accuracy": "classifier accuracy on conditional samples"}[name])
+        c.add_argument("samples", help=".npz from tools/sample.py")
+        c.add_argument("--run", help="the run the samples belong to (default: the one recorded in the .npz)")
+        c.add_argument("--classifier", help="a classifier from `digits-classifier`", required=name == "accuracy")
+        if name != "accuracy":
+            c.add_argument("--inception", help="Inception weights file weights-inception-2015-12-05-6726825d.pth")
+            c.add_argument("--splits", type=int, default=10, help="IS splits")
+        if name == "fid":
+            c.add_argument("--shards", help="reference images (default: the run's data.shards)")
+            c.add_argument("--ref-limit", type=int, help="use only the first N reference images")
+    for name in ("ood", "restore"):
+        c = sub.add_parser(name, parents=[common], help={"ood": "out-of-distribution AUROC per source",
+                                                         "restore": "inpainting and denoising PSNR"}[name])
+        c.add_argument("run", help="run folder (latest committed checkpoint) or a checkpoint folder")
+        c.add_argument("--shards", help="in-distribution images (default: the run's data.shards)")
+        c.add_argument("--ensemble", type=int, default=1, help="sum the energies of the last K checkpoints")
+    c = sub.choices["ood"]
+    c.add_argument("--n", type=int, default=1000, help="images per source")
+    c.add_argument("--synthetic", nargs="*", default=["uniform", "constant", "interpolation"],
+                   help="synthetic sources: uniform constant interpolation")
+    c.add_argument("--source", nargs="*", default=[], metavar="NAME=SHARDS",
+                   help="other datasets' shards, fitted to the model's size, e.g. svhn=data/svhn/manifest.json")
+    c.add_argument("--score", choices=["min", "marginal"], default="min",
+                   help="conditional models: min over classes of E(x, y) (the release) or -log sum_y exp(-E(x, y))")
+    c = sub.choices["restore"]
+    c.add_argument("--task", nargs="+", choices=["inpaint", "denoise"], default=["inpaint", "denoise"])
+    c.add_argument("--n", type=int, default=100, help="images")
+    c.add_argument("--mask", choices=["half", "centre", "pixels"], default="half", help="inpainting: missing region")
+    c.add_argument("--sigma", type=float, default=0.1, help="denoising: std of the added Gaussian noise")
+    c.add_argument("--steps", type=int, help="Langevin steps (default: 2x training)")
+    c.add_argument("--step-size", type=float)
+    c.add_argument("--noise", type=float, help="Langevin noise (default: training's)")
+    c.add_argument("--grad-clip", type=float, help="default: training's; 0 = none")
+    a = p.parse_args(argv)
+    out = {"digits-classifier": cmd_digits_classifier, "fid": cmd_fid, "is": lambda a: cmd_fid(a, with_fid=False),
+     "accuracy": cmd_accuracy, "ood": cmd_ood, "restore": cmd_restore}[a.cmd](a)
+    for k, v in out.get("metrics", out).items():
+        print(f"{k}: {v:.4f}")
+    if "task" in out:
+        print(f"-> {out.get('json', '')}{' and MLflow run ' + out['mlflow_run_id'] if out.get('mlflow_run_id') else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
