@@ -11,6 +11,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from conftest import ROOT, train
+from ebmscale.config import from_yaml_file
 from ebmscale.eval.data import read_images
 from ebmscale.eval.fid import feature_net, fid_and_is, reference_stats
 from ebmscale.eval.metrics import auroc, frechet_distance, gaussian_stats, inception_score, psnr, roc_curve
@@ -199,13 +200,15 @@ def test_tools_end_to_end_on_a_tiny_digits_run(tiny_run, tmp_path, monkeypatch, 
 
     evaluate.main(["accuracy", str(out), "--classifier", str(clf)])
     evaluate.main(["fid", str(out), "--classifier", str(clf)])
-    evaluate.main(["ood", str(tiny_run), "--n", "100"])
+    spec = from_yaml_file(tiny_run / "config.yaml").data.shards  # the same images again as an "OOD" source
+    evaluate.main(["ood", str(tiny_run), "--n", "100", "--source", f"again={spec}"])
     evaluate.main(["restore", str(tiny_run), "--n", "8", "--steps", "5"])
     results = {p.name.split("_step")[0]: json.loads(p.read_text()) for p in (tiny_run / "eval").glob("*.json")}
     assert set(results) == {"accuracy", "fid", "ood", "restore"}
     m = {k: v for r in results.values() for k, v in r["metrics"].items()}
     assert 0 <= m["accuracy"] <= 1 and m["fid_classifier"] > 0 and 1 <= m["is_classifier"] <= 10
     assert all(0 <= m[f"ood/auroc_{k}"] <= 1 for k in ("uniform", "constant", "interpolation"))
+    assert m["ood/auroc_again"] == pytest.approx(0.5)
     assert {"inpaint/psnr_input", "inpaint/psnr_restored", "denoise/psnr_input", "denoise/psnr_restored"} <= set(m)
     assert all(r["step"] == 30 for r in results.values())
     assert (tiny_run / "eval" / "ood_step000000030_ood_roc.png").exists()

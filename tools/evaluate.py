@@ -25,11 +25,14 @@ from ebmscale.tracking.pictures import image_grid
 
 
 def load_samples(path: str, run: str | None):
+    """(images as stored: float32 in [0, 1] or uint8, labels, run folder, step) of a tools/sample.py output."""
     d = np.load(path)
-    images = d["images"]
     run = Path(run) if run else (Path(str(d["run"])) if "run" in d else None)
-    return images.astype(np.float32) / 255 if images.dtype == np.uint8 else images, d["labels"], run, \
-        int(d["step"]) if "step" in d else 0
+    return d["images"], d["labels"], run, int(d["step"]) if "step" in d else 0
+
+
+def as_float(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32) / 255 if x.dtype == np.uint8 else x
 
 
 def run_shards(run: Path | None, shards: str | None) -> str:
@@ -66,14 +69,14 @@ def cmd_fid(a, with_fid: bool = True) -> dict:
     report = Report("fid" if with_fid else "is", run, step, a.json)
     report.add({f"{k}{tag}": v for k, v in res.items() if k != "n"}, samples=a.samples, n=res["n"],
                feature_net=net.key)
-    report.image("samples", image_grid(x[:100], nrow=10))
+    report.image("samples", image_grid(as_float(x[:100]), nrow=10))
     return report.finish()
 
 
 def cmd_accuracy(a) -> dict:
     from ebmscale.eval.classifier import load_classifier, predict
     x, y, run, step = load_samples(a.samples, a.run)
-    pred = predict(load_classifier(a.classifier, device_of(a)), x)
+    pred = predict(load_classifier(a.classifier, device_of(a)), as_float(x))
     per_class = {int(c): float((pred[y == c] == c).mean()) for c in np.unique(y)}
     report = Report("accuracy", run, step, a.json)
     report.add({"accuracy": (pred == y).mean(), **{f"accuracy/class_{c}": v for c, v in per_class.items()}},
@@ -118,14 +121,14 @@ def cmd_restore(a) -> dict:
     m, s = cfg.model, cfg.sampler
     x, y = read_images(run_shards(run, a.shards), m.resolution, m.in_channels, a.n)
     labels = y if m.num_classes > 0 else None
-    langevin = dict(steps=a.steps or 2 * s.steps, step_size=a.step_size or s.step_size,
-                    noise=s.noise if a.noise is None else a.noise,
+    langevin = dict(step_size=a.step_size or s.step_size, noise=s.noise if a.noise is None else a.noise,
                     grad_clip=s.grad_clip if a.grad_clip is None else (a.grad_clip or None), seed=a.seed)
     report = Report("restore", run, step, a.json)
-    for task in a.task:
-        res, ims = inpaint(models, x, labels, a.mask, **langevin) if task == "inpaint" else \
-            denoise(models, x, labels, a.sigma, **langevin)
-        report.add({f"{task}/{k}": v for k, v in res.items()})
+    for task in a.task:  # default steps: filling a hole takes long; denoising drifts off the image if run long
+        steps = a.steps or (3 * s.steps if task == "inpaint" else max(1, s.steps // 2))
+        res, ims = inpaint(models, x, labels, a.mask, steps=steps, **langevin) if task == "inpaint" else \
+            denoise(models, x, labels, a.sigma, steps=steps, **langevin)
+        report.add({f"{task}/{k}": v for k, v in res.items()}, **{f"{task}_steps": steps})
         report.image(f"{task}", image_grid(np.concatenate([x[:16], ims["input"][:16], ims["restored"][:16]]), nrow=16))
     report.add({}, n=len(x), mask=a.mask, sigma=a.sigma, langevin=langevin)
     return report.finish()
@@ -173,7 +176,7 @@ def main(argv=None) -> int:
     c.add_argument("--n", type=int, default=100, help="images")
     c.add_argument("--mask", choices=["half", "centre", "pixels"], default="half", help="inpainting: missing region")
     c.add_argument("--sigma", type=float, default=0.1, help="denoising: std of the added Gaussian noise")
-    c.add_argument("--steps", type=int, help="Langevin steps (default: 2x training)")
+    c.add_argument("--steps", type=int, help="Langevin steps (default: inpaint 3x training's, denoise half of it)")
     c.add_argument("--step-size", type=float)
     c.add_argument("--noise", type=float, help="Langevin noise (default: training's)")
     c.add_argument("--grad-clip", type=float, help="default: training's; 0 = none")

@@ -78,7 +78,7 @@ def main() -> int:
     p.add_argument("--grad-clip", type=float, help="per-element clip of dE/dx (default: training's; 0 = none)")
     p.add_argument("--batch", type=int, default=256, help="chains per Langevin call")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda means cuda:LOCAL_RANK")
+                   help="cuda = the local rank's GPU (LOCAL_RANK or SLURM_LOCALID, modulo the visible GPUs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--uint8", action="store_true", help="store images as uint8 0..255 (what IS/FID see; 4x smaller)")
     p.add_argument("--merge-timeout", type=float, default=7200, help="seconds rank 0 waits for the other parts")
@@ -86,7 +86,8 @@ def main() -> int:
     a = p.parse_args()
 
     rank, world = rank_world()
-    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if a.device == "cuda" else a.device
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    device = f"cuda:{local % torch.cuda.device_count()}" if a.device == "cuda" else a.device
     models, cfg, ckpt, step = load_ensemble(a.run, a.ensemble, device)
     s, m = cfg.sampler, cfg.model
     shape = (m.in_channels, m.resolution, m.resolution)

@@ -30,7 +30,8 @@ class Report:
         self.info.update(info)
 
     def image(self, key: str, image: np.ndarray) -> None:
-        self.images[key] = image
+        k = max(1, 256 // image.shape[0])  # small-image grids scaled up (nearest) so they can be seen
+        self.images[key] = image.repeat(k, 0).repeat(k, 1)
 
     def finish(self) -> dict:
         """Write the JSON and the pictures beside it, then log to MLflow; returns what was written."""
