@@ -6,6 +6,7 @@ config fails in seconds on the login node rather than after a queue wait.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -122,6 +123,47 @@ class TrackingConfig:
     upload_checkpoints: bool = False  # record_checkpoint also uploads the checkpoint as an artifact
 
 
+GUARD_SIGNALS = ("nonfinite", "energy", "gap", "grad_spike", "collapse")
+GUARD_RESPONSES = ("warn", "skip", "rollback", "stop")  # in rising severity
+REMEDY_KEYS = {"lr": "optim.lr", "alpha": "train.alpha", "sampler.steps": "sampler.steps",
+               "sampler.step_size": "sampler.step_size", "sampler.noise": "sampler.noise"}
+
+
+def parse_remedy(text: str) -> tuple[str, str, float]:
+    """'lr*0.5' -> ('optim.lr', '*', 0.5); operators * + =; keys: the REMEDY_KEYS (alpha = the L2 coefficient)."""
+    m = re.fullmatch(r"\s*([a-z_.]+)\s*([*+=])\s*([-+0-9.eE]+)\s*", str(text))
+    key = m and {**REMEDY_KEYS, **{v: v for v in REMEDY_KEYS.values()}}.get(m.group(1))
+    try:
+        value = float(m.group(3)) if key else None
+    except ValueError:
+        value = None
+    if value is None:
+        raise ValueError(f"remedy '{text}' is not KEY*FACTOR, KEY+DELTA or KEY=VALUE with KEY one of "
+                         f"{', '.join(REMEDY_KEYS)} (e.g. lr*0.5, sampler.steps+20, alpha*2)")
+    return key, m.group(2), value
+
+
+@dataclass
+class GuardConfig:
+    """The stability guard (ebmscale/train/guard.py): per-step signals and what to do when one fires."""
+    enabled: bool = True
+    max_energy: float = 100.0  # |mean E+| or |mean E-| over all ranks above this: signal `energy`; 0 = off
+    max_gap: float = 100.0  # |mean E+ - mean E-| above this: signal `gap`; 0 = off
+    grad_spike: float = 10.0  # global grad norm above this x the running median: signal `grad_spike`; 0 = off
+    grad_window: int = 50  # steps in the running median (checked once 10 steps are in)
+    min_neg_std: float = 1e-3  # negatives' pixel std (across the batch, within images) below this: `collapse`
+    max_saturated: float = 0.995  # share of negative pixels at exactly 0 or 1 above this: `collapse`
+    on_nonfinite: str = "skip"  # warn | skip | rollback | stop, for each signal
+    on_energy: str = "rollback"
+    on_gap: str = "rollback"
+    on_grad_spike: str = "skip"
+    on_collapse: str = "rollback"
+    max_skips: int = 3  # this many skipped steps in a row escalate to a rollback
+    max_rollbacks: int = 3  # one more stops the run (FAILED, with the reason)
+    remedies: List[str] = field(default_factory=lambda: ["lr*0.5", "sampler.steps*2", "alpha*2"])  # one per rollback, in order; the last repeats
+    clean_steps: int = 10  # a checkpoint is healthy if no signal fired in the clean_steps before it nor the step after
+
+
 @dataclass
 class LauncherConfig:
     profile: Optional[str] = None
@@ -153,6 +195,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
@@ -256,12 +299,31 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.tracking.retry_s > 0, "tracking.retry_s", f"must be > 0 seconds, got {cfg.tracking.retry_s}")
     _check(cfg.tracking.flush_timeout_s >= 0, "tracking.flush_timeout_s",
            f"must be >= 0 seconds, got {cfg.tracking.flush_timeout_s}")
+    validate_guard(cfg.guard)
     lc = cfg.launcher
     _check(lc.nodes >= 1, "launcher.nodes", f"must be >= 1, got {lc.nodes}")
     _check(lc.gpus_per_node >= 0, "launcher.gpus_per_node", f"must be >= 0, got {lc.gpus_per_node}")
     _check(lc.tasks_per_node >= 1, "launcher.tasks_per_node", f"must be >= 1, got {lc.tasks_per_node}")
     _check(lc.time_min > 0, "launcher.time_min", f"must be > 0 minutes, got {lc.time_min}")
     _check(lc.max_requeues >= 0, "launcher.max_requeues", f"must be >= 0, got {lc.max_requeues}")
+
+
+def validate_guard(g: DictConfig) -> None:
+    for sig in GUARD_SIGNALS:
+        _check(g[f"on_{sig}"] in GUARD_RESPONSES, f"guard.on_{sig}",
+               f"unknown response '{g[f'on_{sig}']}'; allowed: {', '.join(GUARD_RESPONSES)}")
+    for k in ("max_energy", "max_gap", "grad_spike", "min_neg_std"):
+        _check(g[k] >= 0, f"guard.{k}", f"must be >= 0 (0 = off), got {g[k]}")
+    _check(0 < g.max_saturated <= 1, "guard.max_saturated", f"must be in (0, 1], got {g.max_saturated}")
+    _check(g.grad_window >= 1, "guard.grad_window", f"must be >= 1, got {g.grad_window}")
+    _check(g.max_skips >= 1, "guard.max_skips", f"must be >= 1, got {g.max_skips}")
+    _check(g.max_rollbacks >= 0, "guard.max_rollbacks", f"must be >= 0 (0 = stop at the first rollback), got {g.max_rollbacks}")
+    _check(g.clean_steps >= 0, "guard.clean_steps", f"must be >= 0, got {g.clean_steps}")
+    for r in g.remedies:
+        try:
+            parse_remedy(r)
+        except ValueError as e:
+            raise ConfigError(f"guard.remedies: {e}") from None
 
 
 def run_dir(cfg: DictConfig) -> Path:

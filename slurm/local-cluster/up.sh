@@ -151,9 +151,17 @@ if ! sacctmgr -n -P list cluster format=cluster 2>/dev/null | grep -qx $CLUSTER;
 fi
 
 # --- slurmctld and one slurmd per node ---
+ctld_started=0
 if ! alive $RUN/slurmctld.pid slurmctld; then
   /usr/sbin/slurmctld
   wait_for 30 slurmctld bash -c 'scontrol ping | grep -q UP'
+  ctld_started=1
+fi
+if [[ $ctld_started == 1 ]]; then
+  # jobs recovered from the saved state belong to an earlier session (their processes are gone); a
+  # requeueable one would start again and hold the nodes: a freshly started test cluster starts empty
+  leftover=$(squeue -h -o %i 2>/dev/null | tr '\n' ' ')
+  if [[ -n ${leftover// } ]]; then scancel $leftover 2>/dev/null || true; say "cancelled leftover jobs: $leftover"; fi
 fi
 for n in "${names[@]}"; do
   install -d -m 0755 /var/spool/slurmd-$n
