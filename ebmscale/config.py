@@ -162,6 +162,7 @@ class GuardConfig:
     max_rollbacks: int = 3  # one more stops the run (FAILED, with the reason)
     remedies: List[str] = field(default_factory=lambda: ["lr*0.5", "sampler.steps*2", "alpha*2"])  # one per rollback, in order; the last repeats
     clean_steps: int = 10  # a checkpoint is healthy if no signal fired in the clean_steps before it nor the step after
+    initial_checkpoint: bool = False  # also save before the first step: somewhere to go if the first updates diverge
 
 
 @dataclass

@@ -27,7 +27,7 @@ import socket
 import subprocess
 import warnings
 from datetime import timedelta
-from typing import List, Mapping, MutableMapping, NamedTuple, Optional
+from typing import List, Mapping, MutableMapping, NamedTuple, Optional, Tuple
 
 
 class Dist(NamedTuple):
@@ -38,7 +38,6 @@ class Dist(NamedTuple):
     master_addr: str
     master_port: int
     backend: str
-    source: str = "single"  # torchrun | submitit-local | slurm | single
 
 
 _current: Optional[Dist] = None
@@ -107,6 +106,15 @@ def _int(env: Mapping[str, str], key: str, default: Optional[int] = None) -> int
 
 def detect(environ: Optional[Mapping[str, str]] = None, backend: Optional[str] = None) -> Dist:
     """Rank and rendezvous from the environment (see the module doc for the order)."""
+    return _detect(environ, backend)[0]
+
+
+def source(environ: Optional[Mapping[str, str]] = None) -> str:
+    """Which source detect() uses: torchrun | submitit-local | slurm | single."""
+    return _detect(environ, "gloo")[1]
+
+
+def _detect(environ: Optional[Mapping[str, str]], backend: Optional[str]) -> Tuple[Dist, str]:
     env = os.environ if environ is None else environ
     backend = backend or default_backend()
 
@@ -115,13 +123,13 @@ def detect(environ: Optional[Mapping[str, str]] = None, backend: Optional[str] =
         local_world = _int(env, "LOCAL_WORLD_SIZE", world)
         return Dist(_int(env, "RANK"), world, _int(env, "LOCAL_RANK", _int(env, "RANK") % local_world),
                     local_world, env.get("MASTER_ADDR", "127.0.0.1"),
-                    _int(env, "MASTER_PORT", 29500), backend, "torchrun")
+                    _int(env, "MASTER_PORT", 29500), backend), "torchrun"
 
     if env.get("SUBMITIT_EXECUTOR") == "local" and "SUBMITIT_LOCAL_GLOBALID" in env:
         world = _int(env, "SUBMITIT_LOCAL_NTASKS", 1)
         port = env.get("MASTER_PORT") or str(slurm_port(env.get("SUBMITIT_LOCAL_JOB_ID", "0")))
         return Dist(_int(env, "SUBMITIT_LOCAL_GLOBALID"), world, _int(env, "SUBMITIT_LOCAL_LOCALID", 0), world,
-                    env.get("MASTER_ADDR", "127.0.0.1"), int(port), backend, "submitit-local")
+                    env.get("MASTER_ADDR", "127.0.0.1"), int(port), backend), "submitit-local"
 
     if "SLURM_PROCID" in env and "SLURM_JOB_ID" in env:
         step_tasks = env.get("SLURM_STEP_NUM_TASKS")
@@ -145,10 +153,10 @@ def detect(environ: Optional[Mapping[str, str]] = None, backend: Optional[str] =
                 nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""
                 addr = expand_hostnames(nodelist)[0] if nodelist else "127.0.0.1"
             port = _int(env, "MASTER_PORT", slurm_port(env["SLURM_JOB_ID"]))
-            return Dist(rank, world, _int(env, "SLURM_LOCALID", 0), local_world, addr, port, backend, "slurm")
+            return Dist(rank, world, _int(env, "SLURM_LOCALID", 0), local_world, addr, port, backend), "slurm"
 
     port = _int(env, "MASTER_PORT", 0) or free_port()
-    return Dist(0, 1, 0, 1, env.get("MASTER_ADDR", "127.0.0.1"), port, backend, "single")
+    return Dist(0, 1, 0, 1, env.get("MASTER_ADDR", "127.0.0.1"), port, backend), "single"
 
 
 def export(d: Dist, environ: Optional[MutableMapping[str, str]] = None) -> None:
@@ -196,4 +204,4 @@ def is_main() -> bool:
     return (_current.rank if _current else int(os.environ.get("RANK", "0"))) == 0
 
 
-__all__ = ["Dist", "detect", "export", "setup_env", "init", "current", "is_main", "free_port"]
+__all__ = ["Dist", "detect", "source", "export", "setup_env", "init", "current", "is_main", "free_port"]

@@ -110,7 +110,7 @@ def test_dry_run_prints_sbatch_script_and_config(no_slurm, fake_data, capsys, tm
     assert rc == 0, err
     for line in ("#SBATCH --nodes=3", "#SBATCH --ntasks-per-node=1", "#SBATCH --signal=USR2@150",
                  "#SBATCH --requeue", "#SBATCH --time=90", "#SBATCH --partition=cpu", "#SBATCH --account=proj",
-                 "#SBATCH --open-mode=append", f"#SBATCH --output={run}/submitit/%j_0_log.out",
+                 "#SBATCH --open-mode=append", f"#SBATCH --output={run}/logs/submitit/%j_0_log.out",
                  f"#SBATCH --chdir={os.getcwd()}", "module load foo", "export SUBMITIT_EXECUTOR=slurm"):
         assert line in out, line
     assert "--kill-on-bad-exit=1" in out and "-m submitit.core._submit" in out
@@ -210,7 +210,8 @@ def test_detect_slurm_step(monkeypatch):
            "SLURM_STEP_NODELIST": "gpu[003-004,007],gpu010", "SLURM_JOB_NODELIST": "gpu[003-004,007],gpu010"}
     d = distributed.detect(env, backend="gloo")
     assert (d.rank, d.world_size, d.local_rank, d.local_world_size) == (3, 8, 1, 2)
-    assert (d.master_addr, d.master_port, d.backend, d.source) == ("gpu003", 20000 + 12345 % 20000, "gloo", "slurm")
+    assert (d.master_addr, d.master_port, d.backend) == ("gpu003", 20000 + 12345 % 20000, "gloo")
+    assert distributed.source(env) == "slurm" and len(d) == 7
     d = distributed.detect({**env, "MASTER_ADDR": "head", "MASTER_PORT": "29999"}, backend="gloo")
     assert (d.master_addr, d.master_port) == ("head", 29999)  # sbatch_example.sh's exports win
     uneven = {**env, "SLURM_NODEID": "3", "SLURM_STEP_TASKS_PER_NODE": "3(x3),1", "SLURM_STEP_NUM_TASKS": "10"}
@@ -222,22 +223,23 @@ def test_detect_order_torchrun_local_single(monkeypatch):
     tr = {"RANK": "5", "WORLD_SIZE": "6", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "h",
           "MASTER_PORT": "1234"}
     d = distributed.detect({**slurm, **tr}, backend="gloo")
-    assert (d.rank, d.world_size, d.local_rank, d.master_addr, d.master_port, d.source) == \
-        (5, 6, 1, "h", 1234, "torchrun")
+    assert (d.rank, d.world_size, d.local_rank, d.master_addr, d.master_port) == (5, 6, 1, "h", 1234)
+    assert distributed.source({**slurm, **tr}) == "torchrun"
     local = {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_LOCALID": "1",
              "SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_JOB_ID": "4242", "MASTER_PORT": "31000"}
     d = distributed.detect({**slurm, **local}, backend="gloo")  # --local inside an salloc shell
-    assert (d.rank, d.world_size, d.local_world_size, d.master_addr, d.master_port, d.source) == \
-        (1, 2, 2, "127.0.0.1", 31000, "submitit-local")
+    assert (d.rank, d.world_size, d.local_world_size, d.master_addr, d.master_port) == (1, 2, 2, "127.0.0.1", 31000)
+    assert distributed.source({**slurm, **local}) == "submitit-local"
     d = distributed.detect({}, backend="gloo")
-    assert (d.rank, d.world_size, d.master_addr, d.source) == (0, 1, "127.0.0.1", "single") and d.master_port > 0
+    assert (d.rank, d.world_size, d.master_addr) == (0, 1, "127.0.0.1") and d.master_port > 0
+    assert distributed.source({}) == "single"
 
 
 def test_detect_batch_script_is_not_a_step():
     env = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "n[1-2]"}
     with pytest.warns(UserWarning, match="not an srun task"):
         d = distributed.detect(env, backend="gloo")
-    assert d.world_size == 1 and d.source == "single"
+    assert d.world_size == 1
 
 
 def test_export_never_touches_cuda_visible_devices():
@@ -322,12 +324,12 @@ def test_local_launch_preempt_requeue_resume(tmp_path, digits_shards):
     deadline = time.time() + 240
 
     def training() -> bool:
-        logs = list(run.glob("submitit/*_0_log.out"))
+        logs = list(run.glob("logs/submitit/*_0_log.out"))
         return bool(logs) and "[selftest] step 10/" in logs[0].read_text(errors="replace")
     while not training():
         assert time.time() < deadline and proc.poll() is None, "the local job did not start training"
         time.sleep(0.5)
-    pids = _task_pids(run / "submitit")
+    pids = _task_pids(run / "logs" / "submitit")
     assert len(pids) == 2, pids
     for pid in pids:
         os.kill(pid, signal.SIGUSR2)

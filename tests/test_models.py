@@ -73,11 +73,14 @@ def test_forward_backward(arch):
         assert p.grad.abs().sum() > 0, name
 
 
-def test_blocks_start_as_identity_branch():
+def test_residual_branch_is_gated_by_its_scale():
     model = make("resnet32", num_classes=10).eval()  # eval: no power-iteration step between the two calls
     block, x = model.blocks[2], torch.randn(2, 8, 16, 16)  # 8 -> 16 channels, downsamples
     y = torch.tensor([1, 7])
     ref = model.act(torch.nn.functional.avg_pool2d(block.shortcut(x), 2))
+    assert block.res_scale.item() == 1.0 and not torch.allclose(block(x, y), ref)
+    with torch.no_grad():
+        block.res_scale.zero_()
     torch.testing.assert_close(block(x, y), ref)
 
 

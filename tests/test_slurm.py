@@ -154,7 +154,7 @@ def test_preempt_save_requeue_resume_one_mlflow_run(tmp_path, shards):
                  "train.steps=120")
     assert res.returncode == 0, res.stdout + res.stderr
     jid = job_id(run)
-    rank0 = run / "submitit" / f"{jid}_0_log.out"
+    rank0 = run / "logs" / "submitit" / f"{jid}_0_log.out"
     wait_for(lambda: "Eneg" in text(rank0) and tracked_run(run), "training to start", 300)
     first_run_id = tracked_run(run)
     subprocess.run(["scancel", "--signal=USR2", jid], check=True)

@@ -25,7 +25,7 @@ SCRUB = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", 
          "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "GONE")
-SUBMITIT_DIR = "submitit"
+SUBMITIT_DIR = "logs/submitit"  # under logs/, where tools/status.py looks
 
 
 def submitit_folder(out: Path) -> Path:

@@ -4,7 +4,8 @@ Layout of `RUN/checkpoints/step_000500/`:
   DeepSpeed's files (model + ZeRO optimizer shards, written by every rank)
   rank_00000.pt ...  per-rank state: replay-buffer shard, RNG states, data-stream position
   trainer.json       step, world size, tracking run id, config (rank 0)
-  COMMITTED          written last by rank 0, after every rank's files are complete (barrier)
+  COMMITTED          written last by rank 0, after every rank's files are complete (barrier); JSON with
+                     `healthy`: the stability guard's judgement (guard.py), a rollback goes only to healthy ones
 `RUN/checkpoints/latest` names the newest committed folder and moves only after the commit.
 A folder without COMMITTED is a partial save (a crash mid-write): it is never resumed and is
 removed on the next start.
@@ -43,6 +44,21 @@ def list_checkpoints(root: Path) -> list[Path]:
         return []
     return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and committed(p)),
                   key=lambda p: int(p.name.split("_")[1]))
+
+
+def healthy(folder: Path) -> bool:
+    """The guard's flag in COMMITTED; checkpoints from before the guard (or an empty marker) count as healthy."""
+    try:
+        return bool(json.loads((folder / COMMIT).read_text()).get("healthy", True))
+    except (OSError, ValueError, AttributeError):
+        return True
+
+
+def healthy_checkpoints(root: Path, world_size: Optional[int] = None) -> list[Path]:
+    """Committed checkpoints the guard judged healthy (written by `world_size` ranks if given), oldest first."""
+    def ok(p):
+        return healthy(p) and (world_size is None or json.loads((p / "trainer.json").read_text())["world_size"] == world_size)
+    return [p for p in list_checkpoints(root) if ok(p)]
 
 
 def latest(root: Path) -> Optional[Path]:
@@ -156,8 +172,9 @@ class Checkpointer:
         except BaseException as e:  # surfaced at commit time, never lost silently
             self._error.append(e)
 
-    def commit(self) -> Optional[Path]:
-        """Every rank's files complete -> barrier -> rank 0 writes COMMITTED, moves `latest`, prunes."""
+    def commit(self, healthy: bool = True) -> Optional[Path]:
+        """Every rank's files complete -> barrier -> rank 0 writes COMMITTED (with the guard's `healthy`),
+        moves `latest`, prunes."""
         if self._pending is None:
             return None
         folder, _, thread = self._pending
@@ -172,7 +189,8 @@ class Checkpointer:
             if missing:
                 raise RuntimeError(f"checkpoint {folder} lacks the files of ranks {missing}; not committed")
             _atomic_write(folder / COMMIT, json.dumps({"step": int(folder.name.split('_')[1]),
-                                                       "world_size": self.world_size, "time": time.time()}))
+                                                       "world_size": self.world_size, "time": time.time(),
+                                                       "healthy": bool(healthy)}))
             _atomic_write(self.root / "latest", folder.name + "\n")
             self.prune()
         _barrier()
@@ -180,12 +198,34 @@ class Checkpointer:
 
     def prune(self) -> None:
         found = list_checkpoints(self.root)
-        keep = set(found[-self.cfg.keep_last:])
+        keep = set(found[-self.cfg.keep_last:]) | set(healthy_checkpoints(self.root)[-1:])  # somewhere to roll back to
         if self.cfg.keep_every:
             keep |= {p for p in found if int(p.name.split("_")[1]) % self.cfg.keep_every == 0}
         for p in found:
             if p not in keep:
                 shutil.rmtree(p, ignore_errors=True)
+
+    # ---- rolling back -------------------------------------------------------------------------
+    def rollback_target(self) -> Optional[Path]:
+        """The newest healthy checkpoint this world size wrote (rank 0 decides, everyone agrees)."""
+        found = healthy_checkpoints(self.root, self.world_size) if self.rank == 0 else []
+        target = broadcast(str(found[-1]) if found else None)
+        return Path(target) if target else None
+
+    def discard_after(self, folder: Path) -> None:
+        """Remove every checkpoint newer than `folder` (written after the run went bad) and point `latest` at it."""
+        if self.rank == 0:
+            step = int(folder.name.split("_")[1])
+            for p in self.root.iterdir():
+                if p.is_dir() and p.name.startswith("step_") and int(p.name.split("_")[1]) > step:
+                    shutil.rmtree(p, ignore_errors=True)
+            _atomic_write(self.root / "latest", folder.name + "\n")
+        _barrier()
+
+    def write_trainer_state(self, folder: Path, state: dict) -> None:
+        """Rank 0 rewrites trainer.json (after a rollback: the guard's rollbacks and remedies, for a later resume)."""
+        if self.rank == 0:
+            _atomic_write(folder / "trainer.json", json.dumps(state, indent=1, default=str))
 
     # ---- loading ------------------------------------------------------------------------------
     @staticmethod

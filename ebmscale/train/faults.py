@@ -2,16 +2,21 @@
 
 Points: `kill_at_step` (SIGKILL this rank after the step), `kill_in_save` (SIGKILL after DeepSpeed's files
 of the checkpoint at that step are written, before this rank's state file and the commit),
-`nan_loss` (this rank's loss becomes NaN at that step). rank `*` matches every rank.
+`nan_loss` (this rank's loss becomes NaN at that step), `collapse` (this rank's negatives become one flat
+grey image at that step: a collapsed sampler). rank `*` matches every rank. Each fault fires once per
+process, so a step that a guard rollback replays runs clean.
 """
 import os
 import signal
+
+_fired: set = set()
 
 
 def active(point: str, step: int, rank: int) -> bool:
     for item in filter(None, os.environ.get("EBMSCALE_FAULT", "").split(",")):
         p, s, r = item.split(":")
-        if p == point and int(s) == step and (r == "*" or int(r) == rank):
+        if p == point and int(s) == step and (r == "*" or int(r) == rank) and item not in _fired:
+            _fired.add(item)
             return True
     return False
 

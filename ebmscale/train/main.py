@@ -28,6 +28,7 @@ from ebmscale.tracking import build_tracker, pictures
 from ebmscale.train import stop
 from ebmscale.train.checkpoint import Checkpointer, broadcast, set_rng_state
 from ebmscale.train.ds_config import build_ds_config, compute_dtype
+from ebmscale.train.guard import GuardFailure, build_guard
 from ebmscale.train.optim import build_optimizer
 from ebmscale.train.trainer import Trainer
 
@@ -120,7 +121,9 @@ def fingerprint(obj) -> str:
 
 
 def restore(trainer: Trainer, engine, buffer: ReplayBuffer, stream, folder: Path, load_dir: Path,
-            rank: int, world_size: int, seed: int) -> None:
+            rank: int, world_size: int, seed: int, data_and_rng: bool = True) -> None:
+    """Model, optimizer, replay buffer, trainer state; and the data position and RNG unless `data_and_rng` is
+    False (a guard rollback: the stream moves on past the batches that went bad, the caller reseeds)."""
     state = Checkpointer.read_trainer_state(folder)
     engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name, load_lr_scheduler_states=False)
     trainer.load_state_dict(state)
@@ -128,15 +131,18 @@ def restore(trainer: Trainer, engine, buffer: ReplayBuffer, stream, folder: Path
     if state["world_size"] == world_size:
         mine = torch.load(files[rank], map_location="cpu", weights_only=False, mmap=True)
         buffer.load_state_dict(mine["buffer"])
-        stream.load_state_dict(mine["stream"])
-        set_rng_state(mine["rng"])
-        log(f"rank {rank}: resumed step {trainer.step} from {folder}; buffer {len(buffer)} samples "
+        if data_and_rng:
+            stream.load_state_dict(mine["stream"])
+            set_rng_state(mine["rng"])
+        log(f"rank {rank}: {'resumed' if data_and_rng else 'rolled back to'} step {trainer.step} from {folder}; "
+            f"buffer {len(buffer)} samples "
             f"sha {fingerprint(buffer.state_dict())}; rng sha {fingerprint(mine['rng'])}")
         return
     shards = [torch.load(f, map_location="cpu", weights_only=False, mmap=True) for f in files]
     share, dropped = reshard([s["buffer"] for s in shards], world_size, rank, buffer.capacity)
     buffer.load_state_dict(share)
-    stream.load_state_dict(shards[0]["stream"])
+    if data_and_rng:
+        stream.load_state_dict(shards[0]["stream"])
     torch.manual_seed(seed + 7919 * rank + trainer.step)
     if os.environ.get("EBMSCALE_DUMP_BUFFER_ON_RESUME"):  # lets a drill verify that no sample was lost
         dump = Path(os.environ["EBMSCALE_DUMP_BUFFER_ON_RESUME"])
@@ -178,7 +184,8 @@ def main(cfg) -> stop.Outcome:
     stream = build_stream(cfg.data, cfg.model, d.rank, d.world_size, cfg.run.seed)
     run_id = (prev or {}).get("tracking", {}).get("run_id")
     tracker = build_tracker(cfg.tracking, out, d.rank, run_id, cfg.run.name)
-    trainer = Trainer(cfg, engine, buffer, stream, tracker, ckpt, d.rank, d.world_size, out, pictures)
+    trainer = Trainer(cfg, engine, buffer, stream, tracker, ckpt, d.rank, d.world_size, out, pictures,
+                      guard=build_guard(cfg, d.world_size, engine.device))
     if resume:
         restore(trainer, engine, buffer, stream, resume, load_dir, d.rank, d.world_size, cfg.run.seed)
     hosts = all_hosts()
@@ -193,6 +200,10 @@ def main(cfg) -> stop.Outcome:
         outcome = trainer.fit()
     except KeyboardInterrupt:
         tracker.finish("KILLED")
+        raise
+    except GuardFailure as e:
+        log(f"rank {d.rank}: run FAILED: {e}")
+        tracker.finish("FAILED")
         raise
     except BaseException:
         tracker.finish("FAILED")

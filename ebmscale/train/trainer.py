@@ -11,27 +11,21 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from ebmscale.buffer import ReplayBuffer
 from ebmscale.sampling import frozen, langevin, model_energy
 from ebmscale.train import faults, stop
-from ebmscale.train.checkpoint import Checkpointer
+from ebmscale.train.checkpoint import Checkpointer, healthy_checkpoints
 from ebmscale.train.ds_config import compute_dtype
+from ebmscale.train.guard import SEVERITY, Guard, GuardFailure, Verdict, build_guard, discard_gradients
 from ebmscale.train.loss import cd_loss
-
-
-def _all_reduce_max(flag: bool, device) -> bool:
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 class Trainer:
     def __init__(self, cfg, engine, buffer: ReplayBuffer, stream, tracker, checkpointer: Checkpointer,
-                 rank: int, world_size: int, run_dir: Path, pictures=None):
+                 rank: int, world_size: int, run_dir: Path, pictures=None, guard: Optional[Guard] = None):
         self.cfg, self.engine, self.buffer, self.stream = cfg, engine, buffer, stream
         self.tracker, self.ckpt, self.rank, self.world_size = tracker, checkpointer, rank, world_size
         self.run_dir, self.pictures = Path(run_dir), pictures
@@ -42,6 +36,7 @@ class Trainer:
         self.images_seen = 0
         self._saved_step = -1
         self.history: list[dict] = []  # per-log-step metrics (rank 0), for tests and the stability guard
+        self.guard = guard or build_guard(cfg, world_size, self.device)
 
     # ---- one step -----------------------------------------------------------------------------
     def sample_negatives(self, n: int, frames: Optional[list] = None):
@@ -58,6 +53,8 @@ class Trainer:
         t0 = time.perf_counter()
         n = x_pos.shape[0]
         x_neg, y_neg, fresh, born, lstats = self.sample_negatives(n, frames)
+        if faults.active("collapse", self.step + 1, self.rank):
+            x_neg = torch.full_like(x_neg, 0.5)
         t1 = time.perf_counter()
         x = torch.cat([x_pos, x_neg]).to(self.dtype)
         y = torch.cat([y_pos, y_neg]) if self.conditional else None
@@ -66,63 +63,147 @@ class Trainer:
         loss = cd_loss(e_pos, e_neg, self.cfg.train.alpha)
         if faults.active("nan_loss", self.step + 1, self.rank):
             loss = loss * float("nan")
-        self.engine.backward(loss)
-        self.engine.step()
+        self.engine.backward(loss)  # the optimizer step waits for the guard's verdict: update()
         t2 = time.perf_counter()
-        self.step += 1
-        self.images_seen += n * self.world_size
         return {"loss": loss.detach(), "e_pos": e_pos.detach().mean(), "e_neg": e_neg.detach().mean(),
-                "langevin": lstats, "fresh": fresh.float().mean(), "age": (self.step - 1 - born).float().mean(),
+                "langevin": lstats, "fresh": fresh.float().mean(), "age": (self.step - born).float().mean(),
                 "t_sample": t1 - t0, "t_update": t2 - t1, "x_neg": x_neg, "y_neg": y_neg,
                 "e_pos_all": e_pos.detach(), "e_neg_all": e_neg.detach(), "x_pos": x_pos}
 
+    def update(self, out: dict, skip: bool) -> None:
+        t = time.perf_counter()
+        if skip:
+            discard_gradients(self.engine)  # on every rank alike: the verdict is the same everywhere
+        else:
+            self.engine.step()
+        out["t_update"] += time.perf_counter() - t
+        self.step += 1
+        self.images_seen += out["x_pos"].shape[0] * self.world_size
+
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self) -> stop.Outcome:
-        t_cfg, steps = self.cfg.train, self.cfg.train.steps
+        steps = self.cfg.train.steps
         bar = tqdm(total=steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True, desc="train")
         data = iter(self.stream)
-        window_t, window_imgs = time.perf_counter(), 0
-        t_data = 0.0
+        self._window = [time.perf_counter(), 0, 0.0]  # since the last log: start, images, data seconds
+        self.apply_remedies()
+        if self.step == 0 and self.cfg.guard.initial_checkpoint:
+            self.save()
         while self.step < steps:
-            self.ckpt.commit()  # a save from the previous boundary finishes here
-            if _all_reduce_max(stop.stop_requested(), self.device):
-                self.save()
-                self.ckpt.commit()
-                print(f"[ebmscale] rank {self.rank}: stop requested ({stop.stop_reason() or 'by a peer'}); "
-                      f"checkpoint committed at step {self.step}", flush=True)
-                bar.close()
-                return stop.Outcome.PREEMPTED
             td = time.perf_counter()
             x_pos, y_pos = next(data)
             x_pos = x_pos.to(self.device, non_blocking=True).float()
             y_pos = y_pos.to(self.device, non_blocking=True)
-            t_data += time.perf_counter() - td
+            self._window[2] += time.perf_counter() - td
             want_gif = self.rank == 0 and (self.step + 1) % self.cfg.tracking.chain_gif_every == 0
             frames = [] if want_gif else None
-            out = self.train_step(x_pos, y_pos, frames)
-            window_imgs += x_pos.shape[0]
-            if self.step % t_cfg.log_every == 0 or self.step == steps:
-                dt = time.perf_counter() - window_t
-                metrics = self.metrics(out, window_imgs * self.world_size / dt, t_data / max(window_imgs, 1))
-                window_t, window_imgs, t_data = time.perf_counter(), 0, 0.0
-                if self.rank == 0:
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", Epos=f"{metrics['e_pos']:.3f}",
-                                    Eneg=f"{metrics['e_neg']:.3f}", ips=f"{metrics['images_per_s']:.1f}")
-                    self.history.append({"step": self.step, **metrics})
-                    self.tracker.log_metrics(metrics, step=self.step)
-                    with open(self.run_dir / "logs" / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps({"step": self.step, **metrics}) + "\n")
-            if self.rank == 0 and (self.step % t_cfg.sample_every == 0 or self.step == steps):
-                self.log_pictures(out)
-            if frames:
-                self.log_gif(frames)
-            bar.update(1)
+            out = self.train_step(x_pos, y_pos, frames)  # forward + backward
+            verdict = self.guard.check(self.step + 1, out, self.engine, stop.stop_requested())  # the one all-reduce
+            self.ckpt.commit(healthy=self.guard.healthy(self.step))  # the last save, judged by the step run on it
+            if verdict.action in ("rollback", "stop"):
+                self.rollback(verdict)  # GuardFailure when it may not
+                bar.n = self.step
+            else:
+                if verdict.action != "ok":
+                    self.report(verdict, verdict.action)
+                self.update(out, skip=verdict.action == "skip")
+                self.log_step(out, verdict, frames, bar)
+                bar.update(1)
+            if verdict.stop_requested and self.step < steps:
+                return self.preempt(bar)
             faults.maybe_kill("kill_at_step", self.step, self.rank)
             if self.step % self.cfg.checkpoint.every == 0 or self.step == steps:
                 self.save()
-        self.ckpt.commit()
+        self.ckpt.commit(healthy=self.guard.healthy(self.step))
         bar.close()
         return stop.Outcome.COMPLETED
+
+    def preempt(self, bar) -> stop.Outcome:
+        self.save()
+        self.ckpt.commit(healthy=self.guard.healthy(self.step))
+        print(f"[ebmscale] rank {self.rank}: stop requested ({stop.stop_reason() or 'by a peer'}); "
+              f"checkpoint committed at step {self.step}", flush=True)
+        bar.close()
+        return stop.Outcome.PREEMPTED
+
+    def log_step(self, out: dict, verdict: Verdict, frames: Optional[list], bar) -> None:
+        t_cfg, steps = self.cfg.train, self.cfg.train.steps
+        self._window[1] += out["x_pos"].shape[0]
+        if self.step % t_cfg.log_every == 0 or self.step == steps:
+            start, imgs, t_data = self._window
+            metrics = {**self.metrics(out, imgs * self.world_size / (time.perf_counter() - start), t_data / max(imgs, 1)),
+                       **verdict.metrics, **self.guard.counters()}
+            self._window = [time.perf_counter(), 0, 0.0]
+            if self.rank == 0:
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", Epos=f"{metrics['e_pos']:.3f}",
+                                Eneg=f"{metrics['e_neg']:.3f}", ips=f"{metrics['images_per_s']:.1f}")
+                self.history.append({"step": self.step, **metrics})
+                self.tracker.log_metrics(metrics, step=self.step)
+                with open(self.run_dir / "logs" / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+        if self.rank == 0 and (self.step % t_cfg.sample_every == 0 or self.step == steps):
+            self.log_pictures(out)
+        if frames:
+            self.log_gif(frames)
+
+    # ---- the stability guard's responses ------------------------------------------------------
+    def rollback(self, v: Verdict) -> None:
+        """Back to the newest healthy checkpoint (model, optimizer, replay buffer; the data stream moves on past
+        the batches that went bad, the RNG is reseeded), then the next remedy. GuardFailure when it may not."""
+        from ebmscale.train.main import restore  # main imports this module
+        discard_gradients(self.engine)
+        target = self.ckpt.rollback_target()
+        why = self.guard.refuse_rollback(v, target)
+        if why:
+            raise GuardFailure(self.report(v, "stop", target, why))
+        self.report(v, "rollback", target, self.guard.next_remedy())
+        keep = self.guard.state_dict()["run"]
+        self.ckpt.discard_after(target)
+        restore(self, self.engine, self.buffer, self.stream, target, target, self.rank, self.world_size,
+                self.cfg.run.seed, data_and_rng=False)
+        self.guard.load_state_dict({**self.guard.state_dict(), "run": keep})
+        torch.manual_seed(self.cfg.run.seed + 7919 * self.rank + 104729 * self.guard.rollbacks + self.step)
+        self.apply_remedies()
+        self._saved_step = self.step  # on disk already
+        self.ckpt.write_trainer_state(target, {**Checkpointer.read_trainer_state(target), "guard": self.guard.state_dict()})
+
+    def apply_remedies(self) -> None:
+        """Set what the guard's remedies changed (after a rollback, and on resume: they are in the trainer state)."""
+        changes = self.guard.effective()
+        for path, value in changes.items():
+            OmegaConf.update(self.cfg, path, value)
+        if "optim.lr" in changes:
+            for group in self.engine.optimizer.param_groups:
+                group["lr"] = changes["optim.lr"]
+        if changes and self.rank == 0:
+            print(f"[ebmscale] guard: remedies in force: {', '.join(self.guard.remedies)} -> "
+                  f"{', '.join(f'{k}={v:.6g}' for k, v in changes.items())}", flush=True)
+
+    def report(self, v: Verdict, action: str, target: Optional[Path] = None, note: Optional[str] = None) -> str:
+        """One event: the console on every rank; MLflow (tag, metric, text) from rank 0. Returns the message."""
+        g = self.guard
+        if target is None and self.rank == 0:
+            target = next(iter(healthy_checkpoints(self.ckpt.root)[-1:]), None)
+        last_ok = int(target.name.split("_")[1]) if target else None
+        first_bad = g.first_bad(after=last_ok or 0) or v.step
+        if action == "rollback":
+            action_text = f"rollback {g.rollbacks}/{g.cfg.max_rollbacks} to step {last_ok}, remedy {note or 'none'}"
+        else:
+            action_text = f"run stopped: {note}" if action == "stop" else action
+        msg = f"step {v.step}: {', '.join(v.signals)} ({v.detail}) -> {action_text}"
+        print(f"[ebmscale] rank {self.rank}: guard: {msg}", flush=True)
+        if self.rank == 0:
+            tags = {"guard.last_event": msg, "guard.rollbacks": g.rollbacks, "guard.skipped_steps": g.skipped,
+                    "guard.remedies": ", ".join(g.remedies) or "none"}
+            if action == "stop":
+                tags["guard.failure"] = tags["mlflow.note.content"] = f"stability guard: {msg}"
+            self.tracker.set_tags(tags)
+            self.tracker.log_metrics({"guard/event": SEVERITY[action], **g.counters()}, step=v.step)
+            self.tracker.log_text(f"{msg}\n\nresponse: {action}\nlast healthy step: {last_ok}\nfirst bad step: "
+                                  f"{first_bad}\nrollbacks: {g.rollbacks}\nremedies: {', '.join(g.remedies) or 'none'}\n"
+                                  f"values: {json.dumps(v.metrics)}\n",
+                                  f"guard/event_{len(g.events):04d}_step_{v.step:09d}_{action}.txt")
+        return f"stability guard: {msg}; last healthy step {last_ok}, first bad step {first_bad}"
 
     # ---- outputs ------------------------------------------------------------------------------
     def metrics(self, out: dict, images_per_s: float, data_s_per_img: float) -> dict:
@@ -178,13 +259,15 @@ class Trainer:
 
     # ---- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"step": self.step, "images_seen": self.images_seen}
+        return {"step": self.step, "images_seen": self.images_seen, "guard": self.guard.state_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
         self.step, self.images_seen = int(sd["step"]), int(sd["images_seen"])
+        if "guard" in sd:
+            self.guard.load_state_dict(sd["guard"])
 
     def save(self) -> None:
-        if self.step == 0 or self.step == self._saved_step:
+        if (self.step == 0 and not self.cfg.guard.initial_checkpoint) or self.step == self._saved_step:
             return
         self._saved_step = self.step
         rank_state = {"buffer": self.buffer.state_dict(), "stream": self.stream.state_dict(),
