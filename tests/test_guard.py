@@ -41,6 +41,8 @@ def test_each_signal_gets_its_configured_response_and_the_worst_wins():
     assert g.judge(3, reduced(e=500)).signals == ["energy"] and g.judge(4, reduced(e=500)).action == "rollback"
     v = g.judge(5, reduced(e=500, collapsed=1))
     assert (v.action, v.signals) == ("stop", ["energy", "collapse"])
+    v = g.judge(6, reduced(e=500, nonfinite=1))  # overflowing gradients in a blow-up: rolled back, not skipped
+    assert (v.action, v.signals) == ("rollback", ["nonfinite", "energy"])
     assert guard(on_energy="warn").judge(1, reduced(e=500)).action == "warn"
     assert guard(max_energy=0, max_gap=0).judge(1, reduced(e=1e9)).action == "ok"  # 0 = off
 
@@ -147,8 +149,9 @@ def _ds_skip_worker(out: Path) -> None:
                 return [p.detach().float().clone() for p in ps]
 
         g = Guard(OmegaConf.structured(GuardConfig(max_energy=0, max_gap=0)), {}, d.world_size, torch.device("cpu"))
-        a, b, c = engine(), engine(), engine()
-        for e in (a, b, c):
+        accumulates = stage in (0, 3)
+        a, b, c = engine(), engine(), engine() if accumulates else None
+        for e in filter(None, (a, b, c)):
             backward(e, 1)
             e.step()
         v = g.check(2, backward(a, 2, scale=float("nan") if d.rank == 1 else 1.0), a, False)
@@ -157,14 +160,15 @@ def _ds_skip_worker(out: Path) -> None:
         a.step()
         backward(b, 3)
         b.step()
-        backward(c, 2, scale=1000.0)
-        backward(c, 3)
-        c.step()
-        pa, pb, pc = params(a), params(b), params(c)
+        if accumulates:
+            backward(c, 2, scale=1000.0)
+            backward(c, 3)
+            c.step()
+        pa, pb, pc = params(a), params(b), params(c) if accumulates else None
         results[f"{stage}-{precision}"] = {
             "action": v.action, "signals": v.signals, "ours": ours, "deepspeed": None if a.get_global_grad_norm() is None else float(a.get_global_grad_norm()),
             "diff": max((x - y).abs().max().item() for x, y in zip(pa, pb)),
-            "control": max((x - y).abs().max().item() for x, y in zip(pc, pb))}
+            "control": pc and max((x - y).abs().max().item() for x, y in zip(pc, pb))}
     (out / f"rank_{d.rank}.json").write_text(json.dumps(results))
 
 
@@ -178,7 +182,7 @@ def test_skipped_step_leaves_no_trace_in_deepspeed_on_any_zero_stage(tmp_path):
         for case, got in json.loads((tmp_path / f"rank_{r}.json").read_text()).items():
             assert (got["action"], got["signals"]) == ("skip", ["nonfinite"]), (r, case, got)  # both ranks, rank 1's NaN
             assert got["diff"] == 0.0, (r, case, got)  # as if the bad batch had never been seen
-            if case.split("-")[0] in ("0", "3"):
+            if got["control"] is not None:
                 assert got["control"] > 1e-6, (r, case, got)  # not discarding would have shown
             if got["deepspeed"] is not None:  # plain fp32 without ZeRO: DeepSpeed computes no norm
                 assert got["ours"] == pytest.approx(float(got["deepspeed"]), rel=2e-3), (r, case, got)
@@ -264,6 +268,7 @@ def test_huge_learning_rate_rolls_back_to_the_start_and_a_nan_batch_is_skipped(t
     res = train(run, digits_shards, "train.steps=6", "checkpoint.every=2", "optim.lr=10", "guard.max_energy=10",
                 "guard.initial_checkpoint=true", "guard.remedies=[lr*0.0001]", env={"EBMSCALE_FAULT": "nan_loss:4:1"})
     blowup, nan = guard_lines(res, 2), guard_lines(res, 4)
+    # lr=10: Adam's first update is +-10 per weight; energies explode (sometimes with overflowing gradients too)
     assert blowup[0] == blowup[1] and "energy" in blowup[0] and "rollback 1/3 to step 0, remedy lr*0.0001" in blowup[0]
     assert nan[0] == nan[1] and nan[0].endswith("-> skip")
     m = metrics(run)

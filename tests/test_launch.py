@@ -318,7 +318,7 @@ def test_local_launch_preempt_requeue_resume(tmp_path, digits_shards):
     """--local: SIGUSR2 to every task -> stop at a step boundary, save, rank 0 requeues (exit 144),
     submitit's controller restarts the tasks, they resume from the saved step and complete."""
     run = tmp_path / "run"
-    proc = _launch(["--local", "--nproc", "2", DIGITS, f"run.dir={run}", digits_shards, "train.steps=60",
+    proc = _launch(["--local", "--nproc", "2", DIGITS, f"run.dir={run}", digits_shards, "train.steps=150",
                     "checkpoint.every=1000", "train.log_every=10", "launcher.entry=ebmscale.launch.selftest:main"])
     state = run / "selftest.json"
     deadline = time.time() + 240
@@ -327,8 +327,10 @@ def test_local_launch_preempt_requeue_resume(tmp_path, digits_shards):
         logs = list(run.glob("logs/submitit/*_0_log.out"))
         return bool(logs) and "[selftest] step 10/" in logs[0].read_text(errors="replace")
     while not training():
-        assert time.time() < deadline and proc.poll() is None, "the local job did not start training"
-        time.sleep(0.5)
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"the local job did not start training:\n{proc.communicate()[0]}")
+        time.sleep(0.2)
     pids = _task_pids(run / "logs" / "submitit")
     assert len(pids) == 2, pids
     for pid in pids:
@@ -340,8 +342,31 @@ def test_local_launch_preempt_requeue_resume(tmp_path, digits_shards):
     assert "PREEMPTED by SIGUSR2" in log and "requeued (1/" in log and "attempt 2 started" in log, log
     assert "COMPLETED" in log.splitlines()[-1]
     s = json.loads(state.read_text())
-    assert s["step"] == 60 and s["outcome"] == "completed"
-    assert len(s["attempts"]) == 2 and 0 < s["attempts"][1]["start_step"] < 60
+    assert s["step"] == 150 and s["outcome"] == "completed"
+    assert len(s["attempts"]) == 2 and 0 < s["attempts"][1]["start_step"] < 150
+
+
+@pytest.mark.slow
+def test_local_launch_sigterm_stops_gracefully(tmp_path, digits_shards):
+    """SIGTERM to the launcher (a CI timeout, `kill`): the tasks checkpoint and stop; no orphans."""
+    run = tmp_path / "run"
+    proc = _launch(["--local", "--nproc", "2", DIGITS, f"run.dir={run}", digits_shards, "train.steps=100000",
+                    "train.log_every=10", "launcher.entry=ebmscale.launch.selftest:main"])
+    deadline = time.time() + 240
+    while "[selftest] step 10/" not in "".join(p.read_text(errors="replace")
+                                                for p in run.glob("logs/submitit/*_0_log.out")):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"the local job did not start training:\n{proc.communicate()[0]}")
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 3, out
+    assert "STOPPED" in out and "Relaunch the same command to resume" in out
+    assert "STOPPED by SIGTERM" in (run / "launcher.log").read_text()
+    s = json.loads((run / "selftest.json").read_text())
+    assert s["outcome"] == "preempted" and s["step"] >= 10
+    assert _task_pids(run / "logs" / "submitit") == []
 
 
 @pytest.mark.slow

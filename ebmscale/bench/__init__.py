@@ -1,1 +1,144 @@
-"""Benchmarks run by tools/bench.py NAME: each module has add_args(parser) and run(args)."""
+"""Benchmarks run by tools/bench.py NAME: each module has add_args(parser) and run(args).
+
+Shared by the speed benchmarks: the plain PyTorch loop they are measured against, interleaved timing (every
+candidate once per round, so that load from other processes on a shared machine hits all of them alike), the
+GEMM peak of the same run, and a Trainer built as ebmscale/train/main.py builds it, minus data, tracking and
+checkpoints.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+# nominal dense bf16 peaks (FLOP/s) for MFU on a GPU; CPUs are judged against the GEMM peak measured in the run
+BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
+
+
+def device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def set_threads(n: int) -> int:
+    """Intra-op threads on CPU (0 = torch's default). 1 by default in the benchmarks: per-core numbers are the
+    ones that survive a CPU shared with other jobs, and what 1 rank per core runs at."""
+    if n > 0:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def nominal_peak(dev: torch.device) -> Optional[float]:
+    if dev.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(dev)
+    return next((v for k, v in BF16_PEAK.items() if k in name), None)
+
+
+def interleaved(fns: Dict[str, Callable[[], object]], reps: int, dev: torch.device) -> Dict[str, List[float]]:
+    """Seconds per call of each fn, `reps` rounds of one call each."""
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            sync(dev)
+            t = time.perf_counter()
+            f()
+            sync(dev)
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+def gemm(n: int, dtype: torch.dtype, dev: torch.device, repeat: int = 1):
+    """(fn, flops): `repeat` n x n x n matmuls, the peak a convolution net could reach on this machine."""
+    a, b = torch.randn(n, n, dtype=dtype, device=dev), torch.randn(n, n, dtype=dtype, device=dev)
+
+    def fn():
+        for _ in range(repeat):
+            torch.mm(a, b)
+    return fn, 2.0 * n ** 3 * repeat
+
+
+def plain_langevin(model: torch.nn.Module, x: torch.Tensor, y: Optional[torch.Tensor], steps: int,
+                   step_size: float, noise: float, grad_clip: Optional[float],
+                   autocast: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The seed's loop as a user writes it in plain PyTorch: the model as it is (fp32, parameters frozen and eval
+    mode set by the caller, spectral norm recomputed at every forward), `.backward()` for dE/dx, clamp.
+    `autocast`: run the forward under torch.autocast in that dtype."""
+    x = x.detach().clone()
+    for _ in range(steps):
+        x = x + noise * torch.randn_like(x)
+        x.requires_grad_(True)
+        ctx = torch.autocast(x.device.type, autocast) if autocast else contextlib.nullcontext()
+        with ctx:
+            e = model(x, y)
+        e.sum().backward()
+        g = x.grad if grad_clip is None else x.grad.clamp(-grad_clip, grad_clip)
+        x = (x.detach() - step_size * g).clamp(0.0, 1.0)
+    return x
+
+
+@contextlib.contextmanager
+def plain_frozen(model: torch.nn.Module):
+    """What a plain script does around its sampling loop: eval mode, requires_grad off."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.train()
+
+
+def build_trainer(config: str, overrides: List[str], run_dir: str | Path):
+    """A Trainer over a real DeepSpeed engine (this process's rank: 1 process, or one torchrun rank), built as
+    ebmscale/train/main.py builds it; no data stream, tracker or checkpointer (the benchmark feeds batches)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    from ebmscale import distributed
+    from ebmscale.buffer import ReplayBuffer
+    from ebmscale.config import load_config
+    from ebmscale.models import build_model
+    from ebmscale.train.ds_config import build_ds_config, compute_dtype
+    from ebmscale.train.optim import build_optimizer
+    from ebmscale.train.trainer import Trainer
+
+    d = distributed.init()
+    cfg = load_config(config, ["tracking.enabled=false", *overrides])
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg.model).to(compute_dtype(cfg.train.precision))
+    torch.manual_seed(cfg.run.seed + 7919 * d.rank)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim),
+                                      config=build_ds_config(cfg, d.world_size))
+    m = cfg.model
+    buffer = ReplayBuffer(cfg.buffer.capacity, (m.in_channels, m.resolution, m.resolution), m.num_classes,
+                          cfg.buffer.dtype, cfg.buffer.fresh_fraction, device=engine.device)
+    return Trainer(cfg, engine, buffer, None, None, None, d.rank, d.world_size, Path(run_dir))
+
+
+def trainer_step(trainer, x_pos: torch.Tensor, y_pos: torch.Tensor) -> dict:
+    """One training step as Trainer.fit runs it: sampling + forward/backward, then the optimizer step (the guard's
+    verdict in between, one all-reduce of a few scalars, is left out)."""
+    out = trainer.train_step(x_pos, y_pos)
+    if hasattr(trainer, "update"):
+        trainer.update(out, skip=False)
+    return out
+
+
+def write_json(path: str | Path, result: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=str))
+    print(f"wrote {path}")

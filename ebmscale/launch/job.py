@@ -54,7 +54,8 @@ def shield_helper_processes(forkserver: bool = True, preload=("ebmscale.data.str
     from multiprocessing import resource_tracker
     old = signal.pthread_sigmask(signal.SIG_BLOCK, set(SHIELDED))
     try:
-        resource_tracker.ensure_running()
+        resource_tracker.ensure_running()  # note: it unblocks SIGINT/SIGTERM again on its way out
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(SHIELDED))
         if forkserver:
             import multiprocessing as mp
             from multiprocessing import forkserver as fs
@@ -181,7 +182,12 @@ class TrainJob:
         self._resubmit(env)
         log_line(out, f"{job} PREEMPTED by {reason} (time limit or preemption): checkpoint committed; "
                       f"requeued ({attempt + 1}/{lc.max_requeues}), resumes in the same run folder")
-        env._requeue(lc.max_requeues - attempt - 1)  # SLURM: scontrol requeue; local: exits 144
+        try:
+            env._requeue(lc.max_requeues - attempt - 1)  # SLURM: scontrol requeue; local: exits 144
+        except Exception as e:
+            log_line(out, f"{job} STOPPED: the requeue failed ({type(e).__name__}: {e}); checkpoint committed. "
+                          f"Relaunch the same command to resume.")
+            raise
         # like submitit after a requeue: leave without a result file; SLURM restarts the job
         sys.exit(0)
 

@@ -154,9 +154,14 @@ def submit_local(cfg: DictConfig, nproc: int, ngpu: int):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(free_port())
     ex = submitit.LocalExecutor(folder=folder, max_num_timeout=max(cfg.launcher.max_requeues, 1))
+    # no `setup` lines here: they would put a shell between us and submitit's controller, and
+    # launcher.setup is for cluster nodes; the venv's bin goes first on PATH through our environment
+    bindir = str(Path(sys.executable).parent)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != bindir:
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     params: Dict[str, Any] = dict(timeout_min=cfg.launcher.time_min, tasks_per_node=nproc,
                                   gpus_per_node=ngpu, signal_delay_s=cfg.launcher.signal_delay_s,
-                                  stderr_to_stdout=True, setup=setup_lines(cfg))
+                                  stderr_to_stdout=True)
     if ngpu and _visible_gpus():
         params["visible_gpus"] = _visible_gpus()
     ex.update_parameters(**params)
@@ -275,9 +280,19 @@ def report(folder: Path, job_id: str, ntasks: int, out: Path, state: str) -> int
 
 
 def wait_local(job, nproc: int, out: Path, follow: bool = True, peer_grace_s: float = 30.0) -> int:
+    """Wait for a --local job. SIGTERM to the launcher stops the job gracefully (submitit's controller
+    forwards it to every task: they checkpoint and exit); Ctrl-C stops it at once."""
+    import signal as _signal
     folder = submitit_folder(out)
     follower = LogFollower(_log_path(folder, job.job_id, 0), follow)
     first_error: Optional[float] = None
+
+    def forward_term(signum, frame):
+        print("[launch] SIGTERM: asking the tasks to checkpoint and stop", file=sys.stderr, flush=True)
+        proc = getattr(job, "_process", None)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(_signal.SIGTERM)
+    previous = _signal.signal(_signal.SIGTERM, forward_term)
     try:
         while not job.done():
             follower.poll()
@@ -294,6 +309,8 @@ def wait_local(job, nproc: int, out: Path, follow: bool = True, peer_grace_s: fl
         print(f"\ninterrupted: the local job was stopped. Relaunch the same command to resume from the last "
               f"committed checkpoint in {out}", file=sys.stderr)
         return 130
+    finally:
+        _signal.signal(_signal.SIGTERM, previous)
     follower.poll()
     return report(folder, job.job_id, nproc, out, job.state)
 

@@ -3,10 +3,17 @@
 Per step: x += N(0, noise^2); g = dE/dx (clamped to +-grad_clip when set); x -= step_size * g;
 x is clamped to [0, 1]. The chains stay fp32 whatever precision the energy runs in: a noise of
 0.005 is below bf16's resolution near 1.0, so only the energy's input is cast.
+
+Speed (measured in ebmscale/bench/README.md): the energy runs in the compute dtype on a channels-last
+input, spectral-norm weights are computed once per sampling call (`frozen`), only dE/dx is computed
+(parameters frozen, `torch.autograd.grad`), and nothing in the loop waits for the device: the noise is
+drawn on it and the stats stay tensors. With fp32 compute and a contiguous input the samples are
+bit-identical to a plain `.backward()` loop (tests/test_perf_paths.py).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -33,7 +40,8 @@ def langevin(energy: EnergyFn, x: torch.Tensor, steps: int, step_size: float, no
              frames: Optional[List[torch.Tensor]] = None, frame_every: int = 0,
              generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, LangevinStats]:
     """Run `steps` Langevin steps from `x` (not modified). `mask` (1 = free pixel) restricts the
-    moves, for inpainting. `frames` collects detached snapshots every `frame_every` steps."""
+    moves, for inpainting. `frames` collects detached snapshots every `frame_every` steps (a copy
+    to the host each time: only for pictures)."""
     x = x.detach().float().clone()
     x0 = x.clone()
     grad_abs = x.new_zeros(())
@@ -45,7 +53,7 @@ def langevin(energy: EnergyFn, x: torch.Tensor, steps: int, step_size: float, no
             x = x + noise * (eps if mask is None else eps * mask)
         x.requires_grad_(True)
         e = energy(x)
-        (g,) = torch.autograd.grad(e.sum(), x)
+        (g,) = torch.autograd.grad(e.sum(), x)  # dE/dx only: no parameter gradients
         x = x.detach()
         g = g.float()
         if grad_clip is not None:
@@ -55,10 +63,11 @@ def langevin(energy: EnergyFn, x: torch.Tensor, steps: int, step_size: float, no
         x = x - step_size * g
         if clamp:
             x = x.clamp(0.0, 1.0)
-        grad_abs = grad_abs + g.abs().mean().detach()
+        grad_abs = grad_abs + g.abs().mean()
         if t == 0:
             e_start = e.detach().float().mean()
-        e_end = e.detach().float().mean()
+        if t == steps - 1:
+            e_end = e.detach().float().mean()
         if frames is not None and frame_every and t % frame_every == 0:
             frames.append(x.detach().cpu())
     n = max(steps, 1)
@@ -68,7 +77,7 @@ def langevin(energy: EnergyFn, x: torch.Tensor, steps: int, step_size: float, no
 
 @contextlib.contextmanager
 def frozen(model: nn.Module):
-    """Parameters frozen and spectral-norm weights computed once, for the whole sampling call."""
+    """Parameters frozen and spectral-norm weights computed once, on entry, for the whole sampling call."""
     flags = [p.requires_grad for p in model.parameters()]
     was_training = model.training
     for p in model.parameters():
@@ -76,6 +85,12 @@ def frozen(model: nn.Module):
     model.eval()  # no power iteration per Langevin step; the training forward keeps updating it
     try:
         with parametrize.cached():
+            # ZeRO-3 partitions parameters outside the forward: there the cache fills at the first step
+            if not any(hasattr(p, "ds_id") for p in model.parameters()):
+                for m in model.modules():  # a compiled energy reads these as inputs, not recomputing them
+                    if parametrize.is_parametrized(m):
+                        for name in m.parametrizations:
+                            getattr(m, name)
             yield model
     finally:
         for p, f in zip(model.parameters(), flags):
@@ -83,8 +98,25 @@ def frozen(model: nn.Module):
         model.train(was_training)
 
 
-def model_energy(model: nn.Module, labels: Optional[torch.Tensor], dtype: torch.dtype) -> EnergyFn:
-    """An energy callable over a bare module (never a DeepSpeed engine): fp32 chains, `dtype` compute."""
+def _forward(model: nn.Module, x: torch.Tensor, labels: Optional[torch.Tensor], dtype: torch.dtype,
+             memory_format: torch.memory_format) -> torch.Tensor:
+    return model(x.to(dtype).contiguous(memory_format=memory_format), labels).float()
+
+
+@functools.cache
+def _compiled_forward():
+    return torch.compile(_forward)
+
+
+def model_energy(model: nn.Module, labels: Optional[torch.Tensor], dtype: torch.dtype,
+                 channels_last: bool = False, compile: bool = False) -> EnergyFn:
+    """An energy callable over a bare module (never a DeepSpeed engine): fp32 chains, `dtype` compute.
+    `channels_last` feeds the convolutions NHWC (faster in bf16 on CPU and GPU; in fp32 it changes the
+    summation order, not the maths); `compile` runs the forward (and so its input-backward) through
+    torch.compile, once per model, dtype and batch shape. Use inside `frozen(model)`."""
+    fwd = _compiled_forward() if compile else _forward
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
     def energy(x: torch.Tensor) -> torch.Tensor:
-        return model(x.to(dtype), labels).float()
+        return fwd(model, x, labels, dtype, fmt)
     return energy

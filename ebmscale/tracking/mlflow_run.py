@@ -3,9 +3,19 @@
 Rank 0 gets an `MlflowTracker`, every other rank a `NullTracker` with the same methods. A tracker call only
 appends to the local spool (spool.py) and returns; one background thread sends the spool in order. When
 the store does not answer, the thread warns once, retries at most every `tracking.retry_s` seconds and sends
-the backlog when it is back. `finish()` waits up to `tracking.flush_timeout_s` for it, `close()` (requeue)
-5 s; what is still unsent is sent by the next tracker opened on the same run_dir, or by
-`python -m ebmscale.tracking RUN_DIR`. If the store is down at `start()` the run is created when it is back.
+the backlog when it is back. `finish()` waits up to `tracking.flush_timeout_s` for it (main passes 5 s for a
+preemption: the grace time is for the checkpoint); what is still unsent is sent by the next tracker opened on
+the same run_dir, or by `python -m ebmscale.tracking RUN_DIR`. If the store is down at `start()` the run is
+created when it is back.
+
+Status. FINISHED when training completed; FAILED when it raised (a crashed peer rank shows on rank 0 as a
+failed collective); KILLED when it stopped early on a signal (preemption, scancel, Ctrl-C, torchrun's SIGTERM
+after another rank died): a relaunch on the same run_dir sets it RUNNING again. RUNNING therefore means a
+launch is alive, except after a SIGKILL of rank 0 itself (OOM killer, node loss), which leaves RUNNING until
+the next launch. If a stop was requested (stop.py's flag, set by the signal handlers) and the process has not
+finished or closed the tracker `killed_after_s` (15 s) later, e.g. because it hangs in a collective with a
+dead peer (NCCL does not fail those, gloo does), the tracker marks the run KILLED itself before torchrun's
+SIGKILL (30 s after its SIGTERM).
 
 Stores. `tracking.uri: null` means `sqlite:///<run_dir.parent>/mlflow.db` with artifacts in
 <run_dir.parent>/mlartifacts: right for a few runs on a local disk (MLflow 3 has no file store). Many
@@ -18,6 +28,10 @@ Resuming. The run id is kept in run_dir/tracking.json and in the checkpoint (`st
 continues that run, increments its `restart_count` tag and logs its config as restarts/<n>/config.yaml.
 Metric steps at or below the last step already logged for a key are dropped (checked against the spool's
 record and the server's latest steps), so a run that goes back to its last checkpoint never logs a step twice.
+(The history keeps the first values of a replayed step, also after a stability-guard rollback.)
+
+System metrics (`tracking.system_metrics`) are not sampled here: the trainer gathers them from every node at
+its log steps (system.py) and logs them as ordinary metrics.
 """
 import functools
 import json
@@ -35,6 +49,7 @@ from ebmscale.tracking.spool import Spool
 PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE",
              "BAD_REQUEST"}  # the store answered and said no: retrying would not help, so the record is dropped
 MAX_BATCH = 1000  # MLflow's log_batch limit on metrics (params and tags: 100)
+KILLED_AFTER_S = 15.0  # see "Status" above; under torchrun's 30 s from SIGTERM to SIGKILL
 
 
 def _warn(msg: str) -> None:
@@ -82,7 +97,7 @@ class NullTracker:
     def record_checkpoint(self, path, step): pass
     def flush(self, timeout_s=None): return True
     def close(self, timeout_s=5.0): pass
-    def finish(self, status="FINISHED"): pass
+    def finish(self, status="FINISHED", timeout_s=None, reason=None): pass
     def state_dict(self): return {"run_id": None, "tracking_uri": None}
 
 
@@ -111,7 +126,8 @@ class MlflowTracker:
             for k in list(r.get("m", ())) + ([f"image:{r['key']}"] if r.get("op") == "image" else []):
                 self.steps[k] = max(self.steps.get(k, -1), r["step"])
         self._server_steps: Dict[str, int] = {}  # the run's latest steps as the store had them when (re)opened
-        self._wake, self._stop = threading.Event(), threading.Event()
+        self._wake, self._stop, self._closed = threading.Event(), threading.Event(), threading.Event()
+        self.killed_after_s = KILLED_AFTER_S
         self._thread = self._client = None
         self._started, self._failures = False, set()
         self._down = False
@@ -141,8 +157,11 @@ class MlflowTracker:
                    "params": {k: str(v)[:6000] for k, v in params.items()},
                    "tags": {k: str(v)[:8000] for k, v in tags.items()}, **({"file": config} if config else {})})
         self._start_sender()
-        if self.cfg.system_metrics:
-            threading.Thread(target=self._system_metrics, daemon=True, name="tracking-system").start()
+        self._closed.clear()
+        deadline = time.monotonic() + 3.0  # a moment for the run id (the launch log prints it), never more
+        while self._run_id is None and not self._down and time.monotonic() < deadline:
+            time.sleep(0.02)
+        threading.Thread(target=self._watchdog, daemon=True, name="tracking-watchdog").start()
 
     @_safe
     def log_metrics(self, metrics: Dict[str, float], step: int) -> None:
@@ -202,8 +221,9 @@ class MlflowTracker:
 
     @_safe
     def close(self, timeout_s: float = 5.0) -> None:
-        """Send what is spooled (up to timeout_s) and stop; the run stays RUNNING, e.g. for a requeue.
+        """Send what is spooled (up to timeout_s) and stop; the run's status stays as it is (finish() sets it).
         Short by default: the preemption grace time is for the checkpoint, and the next launch sends the rest."""
+        self._closed.set()
         if not self.flush(timeout_s):
             _warn(f"{self.spool.pending()} bytes of tracking records unsent, kept in {self.spool.root}; the next "
                   f"launch sends them, or: python -m ebmscale.tracking {self.run_dir}")
@@ -213,11 +233,30 @@ class MlflowTracker:
         self.spool.compact()
 
     @_safe
-    def finish(self, status: str = "FINISHED") -> None:
-        """The run really ended. Not for a requeue: then leave it RUNNING (close(), or just exit)."""
+    def finish(self, status: str = "FINISHED", timeout_s: Optional[float] = None, reason: Optional[str] = None) -> None:
+        """This launch ended: FINISHED, FAILED or KILLED (preempted: a relaunch sets it RUNNING again). Waits up
+        to timeout_s (default tracking.flush_timeout_s) for the backlog. `reason` goes into the `end_reason` tag."""
         assert status in ("FINISHED", "FAILED", "KILLED"), status
+        self._closed.set()
+        self.set_tags({"end_reason": reason or {"FINISHED": "completed", "FAILED": "failed: see the log",
+                                                "KILLED": "killed"}[status]})
         self._put({"op": "end", "status": status, "ts": _now_ms()})
-        self.close(self.cfg.flush_timeout_s)
+        self.close(self.cfg.flush_timeout_s if timeout_s is None else timeout_s)
+
+    def _watchdog(self) -> None:
+        """KILLED if a stop was requested and nobody finished or closed the tracker killed_after_s later."""
+        from ebmscale.train import stop
+        while not self._closed.wait(0.5):
+            if stop.stop_requested():
+                if self._closed.wait(self.killed_after_s):
+                    return
+                _warn(f"stop requested ({stop.stop_reason() or 'by a peer'}) {self.killed_after_s:g}s ago and the "
+                      f"trainer has not ended: stuck (a dead peer rank?); marking run {self._run_id} KILLED")
+                with self.spool.lock:
+                    self._put({"op": "tags", "tags": {"end_reason": f"no progress {self.killed_after_s:g}s after a "
+                                                                    f"stop request ({stop.stop_reason()})"}})
+                    self._put({"op": "end", "status": "KILLED", "ts": _now_ms()})
+                return
 
     # --- the sender thread
 
@@ -325,6 +364,8 @@ class MlflowTracker:
         else:
             if run.info.status != "RUNNING":
                 c.update_run(self._run_id, status="RUNNING")
+            if "end_reason" in run.data.tags:  # the previous launch's
+                c.delete_tag(self._run_id, "end_reason")
             old, restarts = run.data.params, int(run.data.tags.get("restart_count", -1)) + 1
         self._server_steps = {m.key: m.step for m in run.data._metric_objs}  # latest step per key
         changed = sorted(k for k, v in r["params"].items() if k in old and old[k] != v)
@@ -355,26 +396,6 @@ class MlflowTracker:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":  # another run created it first
                 raise
             return c.get_experiment_by_name(self.cfg.experiment).experiment_id
-
-    def _system_metrics(self) -> None:
-        """psutil/pynvml samples through the spool, so they survive outages and resumes like any metric."""
-        from mlflow.environment_variables import MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
-        from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
-        from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
-        from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-        monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
-        gpu = SystemMetricsMonitor._initialize_gpu_monitor(None)  # uses no state; NVIDIA, then ROCm, else None
-        monitors += [gpu] if gpu else []
-        step = max([s for k, s in self.steps.items() if k.startswith("system/")], default=-1) + 1
-        while not self._stop.wait(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.get() or 10):
-            values = {}
-            for m in monitors:
-                m.collect_metrics()
-                values.update(m.aggregate_metrics())
-                m.clear_metrics()
-            self.log_metrics({f"system/{k}": v for k, v in values.items()}, step)
-            step += 1
 
     # --- run_dir/tracking.json
 

@@ -130,20 +130,19 @@ class Guard:
                     metrics={"guard/grad_norm": norm, "guard/neg_std": s[NEG_STD] / w, "guard/saturated": s[SATURATED] / w})
         if not c.enabled:
             return v
-        fired = {}
+        fired = {}  # all of them (a NaN compares False): a blow-up whose gradients overflow is still a blow-up
         if s[NONFINITE] > 0:
             fired["nonfinite"] = f"loss, energies, negatives or gradients not finite on {s[NONFINITE]:.0f} rank(s)"
-        else:
-            if c.max_energy and max(abs(e_pos), abs(e_neg)) > c.max_energy:
-                fired["energy"] = f"mean E+ {e_pos:.4g}, E- {e_neg:.4g} beyond |E| <= {c.max_energy:g}"
-            if c.max_gap and abs(e_pos - e_neg) > c.max_gap:
-                fired["gap"] = f"E+ - E- = {e_pos - e_neg:.4g} beyond +-{c.max_gap:g}"
-            median = statistics.median(self.grad_norms) if len(self.grad_norms) >= min(10, c.grad_window) else None
-            if c.grad_spike and median and norm > c.grad_spike * median:
-                fired["grad_spike"] = f"grad norm {norm:.4g} > {c.grad_spike:g} x median {median:.4g}"
-            if s[COLLAPSED] > 0:
-                fired["collapse"] = (f"negatives collapsed on {s[COLLAPSED]:.0f} rank(s) (mean pixel std {s[NEG_STD] / w:.3g}, "
-                                     f"min {c.min_neg_std:g}; at 0/1 {s[SATURATED] / w:.3f}, max {c.max_saturated:g})")
+        if c.max_energy and max(abs(e_pos), abs(e_neg)) > c.max_energy:
+            fired["energy"] = f"mean E+ {e_pos:.4g}, E- {e_neg:.4g} beyond |E| <= {c.max_energy:g}"
+        if c.max_gap and abs(e_pos - e_neg) > c.max_gap:
+            fired["gap"] = f"E+ - E- = {e_pos - e_neg:.4g} beyond +-{c.max_gap:g}"
+        median = statistics.median(self.grad_norms) if len(self.grad_norms) >= min(10, c.grad_window) else None
+        if c.grad_spike and median and norm > c.grad_spike * median:
+            fired["grad_spike"] = f"grad norm {norm:.4g} > {c.grad_spike:g} x median {median:.4g}"
+        if s[COLLAPSED] > 0:
+            fired["collapse"] = (f"negatives collapsed on {s[COLLAPSED]:.0f} rank(s) (mean pixel std {s[NEG_STD] / w:.3g}, "
+                                 f"min {c.min_neg_std:g}; at 0/1 {s[SATURATED] / w:.3f}, max {c.max_saturated:g})")
         v.signals, v.detail = list(fired), "; ".join(fired.values())
         v.action = max((getattr(c, f"on_{k}") for k in fired), key=SEVERITY.get, default="ok")
         self.skips_in_row = self.skips_in_row + 1 if v.action == "skip" else 0

@@ -212,25 +212,17 @@ def main(cfg) -> stop.Outcome:
         tracker.finish("FINISHED")
         if d.rank == 0:
             log(f"completed {trainer.step} steps; run folder {out}")
-    else:
-        tracker.close()  # the run stays RUNNING: the requeued job continues it
+    else:  # KILLED until a relaunch on this run folder continues the run (and sets it RUNNING again)
+        tracker.finish("KILLED", timeout_s=5.0, reason=f"stopped ({stop.stop_reason() or 'by a peer'}) at step "
+                                                       f"{trainer.step}; relaunch on {out} to continue")
     return outcome
 
 
 def cli(argv=None) -> int:
-    from ebmscale.config import load_config
-    args = sys.argv[1:] if argv is None else argv
-    if not args or args[0].startswith("-"):
-        print("usage: python -m ebmscale.train.main CONFIG [key=value ...]", file=sys.stderr)
-        return 2
-    try:
-        cfg = load_config(args[0], args[1:])
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    stop.install_handlers()
-    outcome = main(cfg)
-    return 0 if outcome == stop.Outcome.COMPLETED else 3
+    """`python -m ebmscale.train.main CONFIG [key=value ...]` (torchrun, srun, plain python): the launcher's
+    parsing, stop handlers on SIGUSR1/SIGUSR2/SIGTERM and signal-shielded loader workers, then main()."""
+    from ebmscale.launch.cli import train_main
+    return train_main(argv, entry=main)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@ class Trainer:
         s = self.cfg.sampler
         x0, y, fresh, born = self.buffer.init_chains(n, self.step, self.device)
         with frozen(self.engine.module) as model:
-            energy = model_energy(model, y if self.conditional else None, self.dtype)
+            energy = model_energy(model, y if self.conditional else None, self.dtype,
+                                  channels_last=s.channels_last, compile=s.compile)
             x, stats = langevin(energy, x0, s.steps, s.step_size, s.noise, s.grad_clip,
                                 frames=frames, frame_every=max(1, s.steps // 10) if frames is not None else 0)
         self.buffer.push(x, y, born)
@@ -228,6 +229,9 @@ class Trainer:
         m["buffer/fill"] = len(self.buffer) / self.buffer.capacity
         stats = self.stream.stats() if hasattr(self.stream, "stats") else {}
         m["data/bad_samples"] = float(stats.get("bad_samples", 0))
+        if self.cfg.tracking.enabled and self.cfg.tracking.system_metrics:
+            from ebmscale.tracking import system  # a collective: every node's local rank 0 samples its node
+            m.update(system.gather())
         return m
 
     def log_pictures(self, out: dict) -> None:
