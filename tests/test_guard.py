@@ -257,7 +257,7 @@ def test_resume_keeps_the_remedies_and_stops_failed_when_out_of_rollbacks(nan_th
     assert lines[0] == lines[1] and "out of rollbacks (2 done, guard.max_rollbacks=2)" in lines[0]
     assert out.count("run FAILED: stability guard: step 14: nonfinite") == 2
     status, tags, texts, events = mlflow(tmp)
-    assert status == "FAILED" and "out of rollbacks" in tags["guard.failure"]
+    assert status == "FAILED" and "out of rollbacks" in tags["guard.failure"] and "out of rollbacks" in tags["end_reason"]
     assert events[-1] == (14, 4.0)  # 4 = stop
     assert "last healthy step: 12" in texts["event_0003_step_000000014_stop.txt"]
 

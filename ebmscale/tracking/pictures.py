@@ -11,6 +11,14 @@ def _numpy(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
+def upscale(images, min_side: int = 64) -> np.ndarray:
+    """[N,C,H,W] -> the same, each side repeated (nearest neighbour) until it is >= min_side pixels: small
+    images (16x16 digits) stay legible in the MLflow UI, which shows pictures at their own size."""
+    x = _numpy(images)
+    k = max(1, -(-min_side // max(1, min(x.shape[-2:]))))
+    return x if k == 1 else x.repeat(k, axis=-2).repeat(k, axis=-1)
+
+
 def image_grid(images, nrow: int = 8, pad: int = 2) -> np.ndarray:
     """[N,C,H,W] in [0,1] (numpy or torch, C = 1 or 3) -> HxWx3 uint8, `nrow` images per row."""
     x = _numpy(images)

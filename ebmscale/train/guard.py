@@ -63,7 +63,9 @@ def gradient_shard(engine) -> tuple[list, bool]:
 
 def discard_gradients(engine) -> None:
     """Drop a backward's gradients without stepping, as DeepSpeed's own overflow branch does, so that the next
-    backward starts from zero (ZeRO 1/2 would otherwise accumulate into them) and nothing reaches the weights."""
+    backward starts from zero and nothing reaches the weights. Needed: without ZeRO and with ZeRO-3 the next backward
+    would accumulate into them (tests/test_guard.py shows it); ZeRO-1/2 overwrite their partition at each boundary
+    except when offloading (`micro_step_id`), and get their buffers released and counters reset here."""
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpeedZeroOptimizer
     opt = engine.optimizer

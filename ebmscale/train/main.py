@@ -203,7 +203,7 @@ def main(cfg) -> stop.Outcome:
         raise
     except GuardFailure as e:
         log(f"rank {d.rank}: run FAILED: {e}")
-        tracker.finish("FAILED")
+        tracker.finish("FAILED", reason=str(e))
         raise
     except BaseException:
         tracker.finish("FAILED")

@@ -241,13 +241,14 @@ class Trainer:
         if self.conditional:  # one row per class
             order = torch.argsort(y, stable=True)
             x = x[order]
-        grid = self.pictures.image_grid(x.clamp(0, 1).numpy(), nrow=min(16, x.shape[0]))
+        up = self.pictures.upscale  # small images are legible in the UI only enlarged
+        grid = self.pictures.image_grid(up(x.clamp(0, 1)), nrow=min(16, x.shape[0]))
         path = self.run_dir / "samples" / f"negatives_{self.step:09d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         from PIL import Image
         Image.fromarray(grid).save(path)
         self.tracker.log_image("negatives", grid, step=self.step)
-        pos = self.pictures.image_grid(out["x_pos"].float().cpu().clamp(0, 1).numpy(), nrow=min(16, x.shape[0]))
+        pos = self.pictures.image_grid(up(out["x_pos"].float().cpu().clamp(0, 1)), nrow=min(16, x.shape[0]))
         self.tracker.log_image("positives", pos, step=self.step)
         hist = self.pictures.energy_histogram(out["e_pos_all"].float().cpu().numpy(),
                                               out["e_neg_all"].float().cpu().numpy())
@@ -258,7 +259,7 @@ class Trainer:
             return
         path = self.run_dir / "samples" / f"chains_{self.step:09d}.gif"
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.pictures.chain_gif([f[:16].float().numpy() for f in frames], path)
+        self.pictures.chain_gif([self.pictures.upscale(f[:16].float()) for f in frames], path)
         self.tracker.log_artifact(path, "chains")
 
     # ---- state --------------------------------------------------------------------------------
