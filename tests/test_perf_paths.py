@@ -39,7 +39,7 @@ def plain(model, x0, y, step_size, clip):
 
 def ours(model, x0, y, step_size, clip, dtype=torch.float32, channels_last=False, compile=False):
     torch.manual_seed(1)
-    with frozen(model) as m:
+    with frozen(model, channels_last) as m:
         return langevin(model_energy(m, y, dtype, channels_last, compile), x0, STEPS, step_size, NOISE, clip)[0]
 
 
@@ -130,7 +130,7 @@ def test_train_step_benchmark_samples_in_bf16_channels_last_under_deepspeed(tmp_
                    capture_output=True, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     arch = json.loads(out.read_text())["archs"][0]
     assert arch["engine_param_dtype"] == "torch.bfloat16"
-    assert arch["sampler_convolutions"] == [["torch.bfloat16", "torch.bfloat16", True]]
+    assert arch["sampler_convolutions"] == [["torch.bfloat16", "torch.bfloat16", True, True]]  # NHWC weights too
     assert {r["row"] for r in arch["rows"]} == {"plain fp32", "ebmscale bf16"}
 
 

@@ -252,3 +252,26 @@ def test_stuck_after_a_stop_request_is_marked_killed(mlflow_server, tmp_path):
     info, _, tags = get_run(mlflow_server.url, t.run_id)
     assert "stop request (SIGTERM)" in tags["end_reason"] and mlflow_server.metric_steps(t.run_id, "loss") == [1]
     t.close(5)
+
+
+def test_preempted_run_is_killed_until_a_relaunch_continues_it(mlflow_server, tmp_path):
+    """What main does on a preemption (finish KILLED with the reason), then on the requeued launch."""
+    from ebmscale.config import TrackingConfig
+    from ebmscale.tracking import build_tracker
+    cfg, run_dir = TrackingConfig(uri=mlflow_server.url, experiment="preempt", retry_s=0.3), tmp_path / "run"
+    t = build_tracker(cfg, run_dir, 0)
+    t.start({"a": 1}, None, {})
+    t.log_metrics({"loss": 1.0}, 1)
+    t.finish("KILLED", timeout_s=30, reason="stopped (SIGTERM) at step 1; relaunch to continue")
+    info, _, tags = get_run(mlflow_server.url, t.run_id)
+    assert info["status"] == "KILLED" and tags["end_reason"].startswith("stopped (SIGTERM)")
+    t = build_tracker(cfg, run_dir, 0)
+    t.start({"a": 1}, None, {})
+    assert t.flush(30)
+    info, _, tags = get_run(mlflow_server.url, t.run_id)
+    assert info["status"] == "RUNNING" and "end_reason" not in tags and tags["restart_count"] == "1"
+    t.log_metrics({"loss": 0.5}, 2)
+    t.finish("FINISHED")
+    info, _, tags = get_run(mlflow_server.url, t.run_id)
+    assert info["status"] == "FINISHED" and tags["end_reason"] == "completed"
+    assert mlflow_server.metric_steps(t.run_id, "loss") == [1, 2]

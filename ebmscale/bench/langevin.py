@@ -56,7 +56,7 @@ def run(args) -> dict:
 
     def ours(model, dtype, channels_last=False, compile=False):
         def f():
-            with frozen(model):
+            with frozen(model, channels_last):
                 energy = model_energy(model, y, dtype, channels_last=channels_last, compile=compile)
                 return langevin(energy, x0, args.steps, s.step_size, s.noise, s.grad_clip)[0]
         return f

@@ -46,11 +46,11 @@ def worker(a) -> None:
     times = []
     for i in range(2 + a.steps):
         dist.barrier()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         trainer_step(trainer, x, y)
         dist.barrier()  # a step ends when the slowest rank's ends
         if i >= 2:
-            times.append(time.perf_counter() - t)
+            times.append((time.perf_counter() - t, time.process_time() - c))
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, times)
     if dist.get_rank() == 0:
@@ -75,19 +75,26 @@ def run(a) -> dict:
         for r in range(a.rounds):
             for n in a.ranks:
                 every = _launch(a, n, Path(tmp) / f"{n}_{r}.json")
-                launches[n].append([max(ts) for ts in zip(*every)])  # per step: the slowest rank
-    med = {n: sorted(t for ts in v for t in ts)[len(v) * a.steps // 2] for n, v in launches.items()}
-    best = {n: min(t for ts in v for t in ts) for n, v in launches.items()}
+                launches[n].append([[max(w for w, _ in s), max(c for _, c in s)] for s in zip(*every)])
+    # per step: the slowest rank's wall time, and the most CPU time a rank used
+    wall = {n: sorted(s[0] for ts in v for s in ts) for n, v in launches.items()}
+    cpu = {n: sorted(s[1] for ts in v for s in ts) for n, v in launches.items()}
+    med = {n: v[len(v) // 2] for n, v in wall.items()}
+    best = {n: v[0] for n, v in wall.items()}
+    cpu_med = {n: v[len(v) // 2] for n, v in cpu.items()}
     one = a.ranks[0]
-    rows = [{"ranks": n, "median_step_s": med[n], "best_step_s": best[n],
+    rows = [{"ranks": n, "median_step_s": med[n], "best_step_s": best[n], "median_cpu_s": cpu_med[n],
              "efficiency": med[one] / med[n], "efficiency_best": best[one] / best[n],
-             "images_per_s": n * _batch(a) / med[n]} for n in a.ranks]
+             "efficiency_cpu": cpu_med[one] / cpu_med[n], "images_per_s": n * _batch(a) / med[n]} for n in a.ranks]
     print(f"weak scaling, {a.config} {' '.join(a.override)}, 1 thread per rank, {a.rounds} launches x {a.steps} "
           f"steps per rank count, DeepSpeed over gloo")
-    print(f"{'ranks':>5} {'s/step (median)':>15} {'img/s':>7} {'efficiency':>10} {'(best steps)':>12}")
+    print(f"{'ranks':>5} {'s/step (median)':>15} {'img/s':>7} {'efficiency':>10} {'(best steps)':>12} "
+          f"{'CPU s/step/rank':>15} {'CPU efficiency':>14}")
     for r in rows:
         print(f"{r['ranks']:>5} {r['median_step_s']:15.3f} {r['images_per_s']:7.1f} {r['efficiency']:10.2f} "
-              f"{r['efficiency_best']:12.2f}")
+              f"{r['efficiency_best']:12.2f} {r['median_cpu_s']:15.3f} {r['efficiency_cpu']:14.2f}")
+    print("efficiency: wall clock, what a job sees; CPU efficiency: the CPU work a rank does per step, which "
+          "other processes on the machine do not inflate")
     result = {"config": a.config, "override": a.override, "steps": a.steps, "rounds": a.rounds,
               "cpus": os.cpu_count(), "rows": rows, "launches": launches}
     write_json(a.json, result)

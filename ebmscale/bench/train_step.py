@@ -47,7 +47,7 @@ def add_args(p) -> None:
 
 
 class ConvInputs(TorchDispatchMode):
-    """Records (input dtype, weight dtype, channels_last) of every convolution run under it."""
+    """Records (input dtype, weight dtype, input NHWC, weight NHWC) of every convolution run under it."""
 
     def __init__(self):
         super().__init__()
@@ -56,7 +56,8 @@ class ConvInputs(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten.convolution.default:
             x, w = args[0], args[1]
-            self.seen.add((str(x.dtype), str(w.dtype), x.is_contiguous(memory_format=torch.channels_last)))
+            cl = torch.channels_last
+            self.seen.add((str(x.dtype), str(w.dtype), x.is_contiguous(memory_format=cl), w.is_contiguous(memory_format=cl)))
         return func(*args, **(kwargs or {}))
 
 

@@ -76,8 +76,10 @@ def langevin(energy: EnergyFn, x: torch.Tensor, steps: int, step_size: float, no
 
 
 @contextlib.contextmanager
-def frozen(model: nn.Module):
-    """Parameters frozen and spectral-norm weights computed once, on entry, for the whole sampling call."""
+def frozen(model: nn.Module, channels_last: bool = False):
+    """Parameters frozen and spectral-norm weights computed once, on entry, for the whole sampling call;
+    with `channels_last`, stored NHWC, as NHWC convolutions want them (else each converts its weight at
+    every step: ResNet128 at batch 2 on CPU, 1.2x)."""
     flags = [p.requires_grad for p in model.parameters()]
     was_training = model.training
     for p in model.parameters():
@@ -91,6 +93,10 @@ def frozen(model: nn.Module):
                     if parametrize.is_parametrized(m):
                         for name in m.parametrizations:
                             getattr(m, name)
+                cache = getattr(parametrize, "_cache", {})  # torch's cache of the computed weights
+                for key, w in list(cache.items()) if channels_last else ():
+                    if w is not None and w.dim() == 4:
+                        cache[key] = w.contiguous(memory_format=torch.channels_last)
             yield model
     finally:
         for p, f in zip(model.parameters(), flags):

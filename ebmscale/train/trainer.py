@@ -42,7 +42,7 @@ class Trainer:
     def sample_negatives(self, n: int, frames: Optional[list] = None):
         s = self.cfg.sampler
         x0, y, fresh, born = self.buffer.init_chains(n, self.step, self.device)
-        with frozen(self.engine.module) as model:
+        with frozen(self.engine.module, s.channels_last) as model:
             energy = model_energy(model, y if self.conditional else None, self.dtype,
                                   channels_last=s.channels_last, compile=s.compile)
             x, stats = langevin(energy, x0, s.steps, s.step_size, s.noise, s.grad_clip,
