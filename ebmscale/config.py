@@ -116,8 +116,6 @@ class TrackingConfig:
     uri: Optional[str] = None  # default: sqlite:///<run parent>/mlflow.db
     experiment: str = "ebmscale"
     run_name: Optional[str] = None
-    every: int = 10
-    image_every: int = 500
     chain_gif_every: int = 2000
     system_metrics: bool = True  # per node CPU/memory/disk/network/GPU (psutil, pynvml) as system/<host>/* at log steps
     retry_s: float = 30.0  # while the store is down, retry the spooled backlog at most this often
@@ -299,7 +297,7 @@ def validate(cfg: DictConfig) -> None:
     _check(c.every > 0, "checkpoint.every", f"must be > 0, got {c.every}")
     _check(c.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1 (the latest is always kept), got {c.keep_last}")
     _check(c.keep_every >= 0, "checkpoint.keep_every", f"must be >= 0, got {c.keep_every}")
-    for k in ("every", "image_every", "chain_gif_every"):
+    for k in ("chain_gif_every",):
         _check(cfg.tracking[k] > 0, f"tracking.{k}", f"must be > 0, got {cfg.tracking[k]}")
     _check(cfg.tracking.retry_s > 0, "tracking.retry_s", f"must be > 0 seconds, got {cfg.tracking.retry_s}")
     _check(cfg.tracking.flush_timeout_s >= 0, "tracking.flush_timeout_s",

@@ -12,8 +12,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 # a tiny but real digits configuration: every trainer test uses it, on 1-2 DeepSpeed ranks
 TINY = ["model.filters=8", "sampler.steps=4", "data.batch_size=8", "buffer.capacity=64", "data.workers=0",
-        "data.shuffle_buffer=50", "train.log_every=1", "train.sample_every=5", "tracking.every=1",
-        "tracking.image_every=5", "tracking.chain_gif_every=5", "train.threads=1"]
+        "data.shuffle_buffer=50", "train.log_every=1", "train.sample_every=5",
+        "tracking.chain_gif_every=5", "train.threads=1"]
 
 
 @pytest.fixture(scope="session")

@@ -388,7 +388,7 @@ def test_local_launch_trains_digits(tmp_path, digits_shards):
     run = tmp_path / "run"
     proc = _launch(["--local", "--quiet", DIGITS, f"run.dir={run}", digits_shards, "model.filters=8",
                     "sampler.steps=5", "train.steps=12", "checkpoint.every=6", "train.log_every=4",
-                    "tracking.every=4", "train.threads=1"])
+                    "train.threads=1"])
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     assert f"run folder: {run}" in out
