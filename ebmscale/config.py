@@ -52,7 +52,7 @@ class SamplerConfig:
     grad_clip: Optional[float] = 0.01  # per-element clamp of dE/dx; null = none
     # speed switches, measured by tools/bench.py langevin (ebmscale/bench/README.md); neither changes the maths
     compile: bool = False  # torch.compile the energy and its input-gradient (CPU: slower, and a minute to compile)
-    channels_last: bool = True  # NHWC input to the convolutions (CPU bf16: 1.1-1.2x)
+    channels_last: bool = True  # NHWC input and cached weights for the convolutions (CPU bf16: 1.2x)
 
 
 @dataclass

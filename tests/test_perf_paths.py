@@ -144,3 +144,11 @@ def test_compiled_energy_equals_eager():
     eager = ours(mb, x0, y, 1.0, None, torch.bfloat16, True)
     compiled = ours(mb, x0, y, 1.0, None, torch.bfloat16, True, compile=True)
     assert (compiled - eager).norm() < 0.04 * (eager - x0).norm()  # fusion skips bf16 roundings eager makes
+
+
+def test_speed_switches_in_config():
+    from ebmscale.config import ConfigError, load_config
+    cfg = load_config("configs/cifar10.yaml")
+    assert cfg.sampler.channels_last is True and cfg.sampler.compile is False  # what wins on CPU (bench/README.md)
+    with pytest.raises(ConfigError, match="sampler.compile.*zero_stage"):
+        load_config("configs/cifar10.yaml", ["sampler.compile=true", "train.zero_stage=3"])

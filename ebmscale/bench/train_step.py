@@ -57,7 +57,8 @@ class ConvInputs(TorchDispatchMode):
         if func is torch.ops.aten.convolution.default:
             x, w = args[0], args[1]
             cl = torch.channels_last
-            self.seen.add((str(x.dtype), str(w.dtype), x.is_contiguous(memory_format=cl), w.is_contiguous(memory_format=cl)))
+            self.seen.add((str(x.dtype), str(w.dtype), x.is_contiguous(memory_format=cl),
+                           w.is_contiguous(memory_format=cl)))
         return func(*args, **(kwargs or {}))
 
 
@@ -86,7 +87,7 @@ class PlainStep:
     """The plain script's training step, timed by part."""
 
     def __init__(self, cfg, dev, autocast=None):
-        s, m, o = cfg.sampler, cfg.model, cfg.optim
+        m, o = cfg.model, cfg.optim
         self.cfg, self.dev, self.autocast, self.step = cfg, dev, autocast, 0
         torch.manual_seed(cfg.run.seed)
         self.model = build_model(m).to(dev)
