@@ -229,16 +229,25 @@ def load_config(path: Optional[str | Path] = None, overrides: List[str] = ()) ->
     if base.exists():
         cfg = _merge(cfg, OmegaConf.load(base), str(base))
     if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file '{path}' does not exist; ship one from configs/ "
-                              f"({', '.join(p.name for p in sorted(CONFIG_DIR.glob('*.yaml')))})")
-        cfg = _merge(cfg, OmegaConf.load(path), str(path))
+        cfg = merge_file(cfg, path)
+    cfg = merge_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def merge_file(cfg: DictConfig, path: str | Path) -> DictConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file '{path}' does not exist; ship one from configs/ "
+                          f"({', '.join(p.name for p in sorted(CONFIG_DIR.glob('*.yaml')))})")
+    return _merge(cfg, OmegaConf.load(path), str(path))
+
+
+def merge_overrides(cfg: DictConfig, overrides: List[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not key=value (e.g. train.steps=100)")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
-    validate(cfg)
     return cfg
 
 

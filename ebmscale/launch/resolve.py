@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from ebmscale.config import CONFIG_DIR, Config, ConfigError, _merge, validate
+from ebmscale.config import CONFIG_DIR, Config, ConfigError, _merge, merge_file, merge_overrides, validate
 
 PROFILE_DIR = Path(os.environ.get("EBMSCALE_PROFILE_DIR") or
                    Path(__file__).resolve().parent.parent.parent / "slurm" / "profiles")
@@ -58,15 +58,8 @@ def _layers(config_path: Optional[str], overrides: Sequence[str], flags: Dict[st
             raise ConfigError(f"launcher.profile: cannot read {profile}: {e}") from None
         cfg = _merge(cfg, prof, f"profile {profile}")
     if config_path is not None:
-        path = Path(config_path)
-        if not path.exists():
-            raise ConfigError(f"config file '{path}' does not exist; ship one from configs/ "
-                              f"({', '.join(p.name for p in sorted(CONFIG_DIR.glob('*.yaml')))})")
-        cfg = _merge(cfg, OmegaConf.load(path), str(path))
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not key=value (e.g. train.steps=100)")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+        cfg = merge_file(cfg, config_path)
+    cfg = merge_overrides(cfg, overrides)
     for dest, value in flags.items():
         if value is None or dest not in FLAG_KEYS:
             continue
