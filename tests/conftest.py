@@ -16,12 +16,17 @@ TINY = ["model.filters=8", "sampler.steps=4", "data.batch_size=8", "buffer.capac
         "tracking.chain_gif_every=5", "train.threads=1"]
 
 
+def make_digits_shards(out: Path) -> Path:
+    """The 4 digits shards of configs/digits.yaml in `out` (kept if already complete)."""
+    if not (out / "manifest.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "digits", str(out)], check=True,
+                       cwd=ROOT, capture_output=True, timeout=300)
+    return out
+
+
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits")
-    subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "digits", str(out)], check=True,
-                   capture_output=True)
-    return out
+    return make_digits_shards(tmp_path_factory.mktemp("digits"))
 
 
 def train(run_dir: Path, shards: Path, *overrides: str, nproc: int = 2, env: dict | None = None,

@@ -13,6 +13,7 @@ import cloudpickle
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import make_digits_shards
 from ebmscale import distributed
 from ebmscale.config import CONFIG_DIR, ConfigError
 from ebmscale.launch import checks, cli, submit
@@ -287,10 +288,7 @@ def test_train_cli_arguments():
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory):
     pytest.importorskip("sklearn")
-    out = ROOT / "data" / "digits"
-    if not (out / "manifest.json").exists():
-        subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "digits", str(out)], check=True,
-                       cwd=ROOT, capture_output=True, timeout=300)
+    out = make_digits_shards(ROOT / "data" / "digits")
     return f"data.shards={out}/digits-{{000000..000003}}.tar"
 
 

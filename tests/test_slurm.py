@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import make_digits_shards
+
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = str(ROOT / "configs" / "digits.yaml")
 PROFILE = ["--profile", "local-test"]
@@ -48,10 +50,7 @@ needs_trainer = pytest.mark.skipif(not (ROOT / "ebmscale" / "train" / "main.py")
 @pytest.fixture(scope="module")
 def shards():
     pytest.importorskip("sklearn")
-    out = ROOT / "data" / "digits"
-    if not (out / "manifest.json").exists():
-        subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "digits", str(out)], check=True,
-                       cwd=ROOT, capture_output=True, timeout=300)
+    out = make_digits_shards(ROOT / "data" / "digits")
     return f"data.shards={out}/digits-{{000000..000003}}.tar"
 
 
