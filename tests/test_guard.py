@@ -205,7 +205,7 @@ def metrics(run: Path) -> dict:
 def guard_lines(res, step: int) -> dict:
     """The guard's console line for `step`, per rank: both ranks must report the same verdict."""
     out = res.stdout + res.stderr
-    return {r: m.group(1) for r in range(2) if (m := re.search(rf"rank {r}: guard: step {step}: (.*)", out))}
+    return {r: m.group(1) for r in range(2) if (m := re.search(rf"rank {r}: guard: step {step}: (.*?)(?=\[ebmscale\]|\n|$)", out))}
 
 
 A = ["train.steps=12", "checkpoint.every=2", "guard.on_nonfinite=rollback", "guard.remedies=[lr*0.5,sampler.steps+2]"]
