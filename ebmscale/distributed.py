@@ -20,11 +20,13 @@ It is idempotent: a second call returns the first result.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
 import socket
 import subprocess
+import time
 import warnings
 from datetime import timedelta
 from typing import List, Mapping, MutableMapping, NamedTuple, Optional, Tuple
@@ -192,8 +194,24 @@ def init(timeout_s: Optional[float] = None) -> Dist:
         kwargs["timeout"] = timedelta(seconds=timeout_s)
     deepspeed.init_distributed(dist_backend=d.backend, auto_mpi_discovery=False,
                                verbose=d.rank == 0, **kwargs)
+    atexit.unregister(shutdown)
+    atexit.register(shutdown)
     _current = d
     return d
+
+
+def shutdown() -> None:
+    """Let gloo's threads finish, then destroy the process group; registered with atexit by `init()`.
+    A gloo worker thread may still hold the last collective's temporaries (all_gather_object's tensors) when the
+    caller moves on. Dropping them takes the GIL; if Python is finalizing by then, the thread is killed inside C++
+    and the rank dies with "terminate called without an active exception" (SIGABRT, about 1 exit in 7 here).
+    Sleeping releases the GIL so that they go first."""
+    global _current
+    import torch.distributed as tdist
+    if tdist.is_initialized():
+        time.sleep(0.25)
+        tdist.destroy_process_group()
+    _current = None
 
 
 def current() -> Optional[Dist]:
@@ -204,4 +222,4 @@ def is_main() -> bool:
     return (_current.rank if _current else int(os.environ.get("RANK", "0"))) == 0
 
 
-__all__ = ["Dist", "detect", "source", "export", "setup_env", "init", "current", "is_main", "free_port"]
+__all__ = ["Dist", "detect", "source", "export", "setup_env", "init", "shutdown", "current", "is_main", "free_port"]
