@@ -5,7 +5,6 @@ import copy
 import json
 import subprocess
 import sys
-from argparse import Namespace
 
 import pytest
 import torch
@@ -108,16 +107,41 @@ def test_input_gradient_only_and_no_sync_in_the_loop():
     assert all(p.grad is None for p in model.parameters()) and all(p.requires_grad for p in model.parameters())
 
 
+def _bench_args(module, argv):
+    """The arguments tools/bench.py would parse for `module` from argv."""
+    import argparse
+    parser = argparse.ArgumentParser()
+    module.add_args(parser)
+    return parser.parse_args(argv)
+
+
 def test_langevin_and_buffer_benchmarks_run(tmp_path):
     from ebmscale.bench import buffer, langevin as bench_langevin
-    out = bench_langevin.run(Namespace(config="configs/digits.yaml", batch=2, steps=1, reps=1, threads=1,
-                                       compile=False, gemm_size=128, json=str(tmp_path / "l.json")))
+    out = bench_langevin.run(_bench_args(bench_langevin, [
+        "--config", "configs/digits.yaml", "--override", "model.filters=8", "--batch", "2", "--steps", "1",
+        "--reps", "1", "--gemm-size", "128", "--json", str(tmp_path / "l.json")]))
     rows = {r["sampler"]: r for r in out["rows"]}
     assert rows["ebmscale fp32"]["max_abs_diff_vs_plain_fp32"] == 0.0
     assert all(r["img_steps_per_s"] > 0 and r["share_bf16_gemm"] > 0 for r in rows.values())
-    out = buffer.run(Namespace(capacities=[16, 64], size=8, channels=3, dtypes=["uint8"], batch=8, reps=2,
-                               threads=1, json=str(tmp_path / "b.json")))
+    assert json.loads((tmp_path / "l.json").read_text())["filters"] == 8  # the override reached the network
+    out = buffer.run(_bench_args(buffer, ["--capacities", "16", "64", "--size", "8", "--dtypes", "uint8",
+                                          "--batch", "8", "--reps", "2", "--json", str(tmp_path / "b.json")]))
     assert [r["bytes_per_sample"] for r in out["rows"]] == [3 * 8 * 8 + 16] * 2
+
+
+def test_bench_cli_lists_benchmarks_and_rejects_bad_input():
+    def bench(*argv):
+        return subprocess.run([sys.executable, "tools/bench.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                              env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    listing = bench("--help")
+    assert listing.returncode == 0
+    assert all(n in listing.stdout for n in ("langevin", "train-step", "scaling", "buffer", "checkpoint", "data"))
+    assert "unknown benchmark 'nope'" in bench("nope").stderr
+    bad = bench("langevin", "--batch", "0")
+    assert bad.returncode == 2 and "--batch: must be at least 1" in bad.stderr
+    bad = bench("langevin", "--override", "sampler.stepz=3")
+    assert bad.returncode == 1 and "config error" in bad.stderr and "sampler.stepz" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 @pytest.mark.slow

@@ -20,6 +20,15 @@ import torch
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
 
 
+def positive(text: str) -> int:
+    """argparse type for counts that must be at least 1 (batch, steps, rounds, ...)."""
+    value = int(text)
+    if value < 1:
+        import argparse
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import torch
 
-from ebmscale.bench import device, interleaved, set_threads, write_json
+from ebmscale.bench import device, interleaved, positive, set_threads, write_json
 from ebmscale.buffer import ReplayBuffer
 
 
 def add_args(p) -> None:
-    p.add_argument("--capacities", type=int, nargs="+", default=[1000, 10000, 100000])
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--capacities", type=positive, nargs="+", default=[1000, 10000, 100000])
+    p.add_argument("--size", type=positive, default=32)
+    p.add_argument("--channels", type=positive, default=3)
     p.add_argument("--dtypes", nargs="+", default=["uint8", "fp16"], choices=["uint8", "fp16"])
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--batch", type=positive, default=128)
+    p.add_argument("--reps", type=positive, default=50)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (0 = torch's default)")
     p.add_argument("--json", default="runs/bench/buffer.json")
 

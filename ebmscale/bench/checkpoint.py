@@ -18,16 +18,17 @@ from types import SimpleNamespace
 
 import torch
 
+from ebmscale.bench import positive
 from ebmscale.buffer import ReplayBuffer
 from ebmscale.train.checkpoint import Checkpointer
 
 
 def add_args(p) -> None:
-    p.add_argument("--capacity", type=int, default=10000)
-    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--capacity", type=positive, default=10000)
+    p.add_argument("--size", type=positive, default=128)
     p.add_argument("--dtype", default="uint8", choices=["uint8", "fp16"])
     p.add_argument("--dir", default=None, help="where to write (default: a temp folder)")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=positive, default=3)
     p.add_argument("--out", default="runs/bench/checkpoint.json")
 
 

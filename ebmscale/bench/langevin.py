@@ -20,7 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ebmscale.bench import (device, gemm, interleaved, nominal_peak, plain_frozen, plain_langevin, set_threads,
-                            write_json)
+                            positive, write_json)
 from ebmscale.config import load_config
 from ebmscale.models import build_model
 from ebmscale.sampling import frozen, langevin, model_energy
@@ -28,9 +28,10 @@ from ebmscale.sampling import frozen, langevin, model_energy
 
 def add_args(p) -> None:
     p.add_argument("--config", default="configs/cifar10.yaml", help="network and sampler settings")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=5, help="Langevin steps per timed call")
-    p.add_argument("--reps", type=int, default=5, help="timed rounds (every row once per round)")
+    p.add_argument("--override", nargs="*", default=[], help="config overrides (key=value), e.g. model.filters=64")
+    p.add_argument("--batch", type=positive, default=16)
+    p.add_argument("--steps", type=positive, default=5, help="Langevin steps per timed call")
+    p.add_argument("--reps", type=positive, default=5, help="timed rounds (every row once per round)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (0 = torch's default)")
     p.add_argument("--compile", action="store_true", help="add the torch.compile row (minutes to compile on CPU)")
     p.add_argument("--gemm-size", type=int, default=0, help="square matmul size (default 2048 CPU, 8192 GPU)")
@@ -40,7 +41,7 @@ def add_args(p) -> None:
 def run(args) -> dict:
     dev = device()
     threads = set_threads(args.threads) if dev.type == "cpu" else 0
-    cfg = load_config(args.config, ["data.shards=unused"])
+    cfg = load_config(args.config, ["data.shards=unused", *args.override])
     s, m = cfg.sampler, cfg.model
     torch.manual_seed(0)
     model32 = build_model(m).to(dev)
@@ -101,7 +102,7 @@ def run(args) -> dict:
                       "max_abs_diff_vs_plain_fp32": diff[k], "first_call_s": first[k],
                       "median_s": sorted(times[k])[len(times[k]) // 2], "best_s": best[k]})
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
-    result = {"config": args.config, "arch": m.arch, "filters": m.filters, "resolution": m.resolution,
+    result = {"config": args.config, "override": args.override, "arch": m.arch, "filters": m.filters, "resolution": m.resolution,
               "batch": args.batch, "langevin_steps_per_call": args.steps, "reps": args.reps, "device": name,
               "threads": threads, "gflop_per_image_step": flops_step / args.batch / 1e9,
               "gemm_size": n, "gemm_fp32_flop_per_s": peak32, "gemm_bf16_flop_per_s": peak16,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ebmscale.bench import write_json
+from ebmscale.bench import positive, write_json
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def add_args(p) -> None:
     p.add_argument("--config", default="configs/cifar10.yaml")
     p.add_argument("--override", nargs="*", default=["data.batch_size=16", "sampler.steps=10"])
-    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--steps", type=int, default=6, help="timed steps per launch, after 2 warm-up steps")
-    p.add_argument("--rounds", type=int, default=2, help="launches per rank count, alternating")
+    p.add_argument("--ranks", type=positive, nargs="+", default=[1, 2])
+    p.add_argument("--steps", type=positive, default=6, help="timed steps per launch, after 2 warm-up steps")
+    p.add_argument("--rounds", type=positive, default=2, help="launches per rank count, alternating")
     p.add_argument("--json", default="runs/bench/scaling.json")
 
 

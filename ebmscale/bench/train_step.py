@@ -23,7 +23,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ebmscale.bench import (build_trainer, device, plain_frozen, plain_langevin, set_threads, sync, trainer_step,
-                            write_json)
+                            positive, write_json)
 from ebmscale.buffer import ReplayBuffer
 from ebmscale.models import build_model
 from ebmscale.train.loss import cd_loss
@@ -39,7 +39,7 @@ PARTS = ("sampling", "buffer", "update", "data", "other")
 def add_args(p) -> None:
     p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     p.add_argument("--resnet128-batch", type=int, default=0, help="default: 2 on CPU, 16 (imagenet128.yaml) on GPU")
-    p.add_argument("--reps", type=int, default=3, help="timed rounds after one warm-up round")
+    p.add_argument("--reps", type=positive, default=3, help="timed rounds after one warm-up round")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (0 = torch's default)")
     p.add_argument("--no-autocast", action="store_true", help="leave out the plain bf16 autocast row")
     p.add_argument("--override", nargs="*", default=[], help="extra config overrides for every arch (key=value)")
