@@ -89,14 +89,19 @@ class ReplayBuffer:
 
 def reshard(shards: list[dict], world_size: int, rank: int, capacity: int) -> tuple[dict, int]:
     """This rank's share when `len(shards)` buffer shards are resumed on `world_size` ranks.
-    Every sample goes to exactly one rank (round-robin over the concatenation); if the new shard
-    would exceed `capacity`, the oldest are dropped and their number returned."""
-    images = torch.cat([s["images"] for s in shards])
-    labels = torch.cat([s["labels"] for s in shards])
+    Every sample goes to exactly one rank (round-robin over all samples, oldest first); if the new shard
+    would exceed `capacity`, the oldest are dropped and their number returned. Only the rank's own rows
+    of each shard are read, so with mmap-loaded shards memory stays at one share however many there are."""
     born = torch.cat([s["born"] for s in shards])
-    born_order = torch.argsort(born, stable=True)  # oldest first, so capacity drops the oldest
-    mine = born_order[rank::world_size]
+    source = torch.cat([torch.full((len(s["born"]),), i, dtype=torch.long) for i, s in enumerate(shards)])
+    row = torch.cat([torch.arange(len(s["born"])) for s in shards])
+    mine = torch.argsort(born, stable=True)[rank::world_size]  # oldest first, so capacity drops the oldest
     dropped = max(0, mine.numel() - capacity)
     mine = mine[dropped:]
-    return ({"images": images[mine], "labels": labels[mine], "born": born[mine], "ptr": mine.numel(),
+    images = torch.empty((mine.numel(), *shards[0]["shape"]), dtype=shards[0]["images"].dtype)
+    labels = torch.empty(mine.numel(), dtype=torch.long)
+    for i, s in enumerate(shards):
+        at = (source[mine] == i).nonzero().squeeze(1)
+        images[at], labels[at] = s["images"][row[mine[at]]], s["labels"][row[mine[at]]]
+    return ({"images": images, "labels": labels, "born": born[mine], "ptr": mine.numel(),
              "dtype": shards[0]["dtype"], "shape": shards[0]["shape"]}, dropped)

@@ -53,3 +53,27 @@ def test_reshard_keeps_every_sample_once():
     assert dropped == 0 and sorted(one["images"].flatten().tolist()) == list(range(20))
     parts = [reshard([one], 2, r, capacity=10)[0]["images"].flatten().tolist() for r in range(2)]
     assert sorted(parts[0] + parts[1]) == list(range(20)) and len(parts[0]) == 10
+
+
+def test_reshard_from_mmap_files_of_uneven_shards_keeps_pairs_and_drops_only_the_oldest(tmp_path):
+    files = []
+    for r, n in enumerate([7, 3, 5]):  # shards of different fill, one sample id per image
+        b = ReplayBuffer(8, (2, 2, 2), num_classes=100)
+        ids = torch.arange(n) + 10 * r
+        b.push((ids.float() / 255).view(-1, 1, 1, 1).expand(n, 2, 2, 2), y=ids, born=ids * 7 % 13)
+        files.append(tmp_path / f"rank_{r}.pt")
+        torch.save(b.state_dict(), files[-1])
+    shards = [torch.load(f, mmap=True, weights_only=False) for f in files]
+    every = {int(i) for s in shards for i in s["labels"]}
+    for world in (1, 2, 4):
+        parts = [reshard(shards, world, r, capacity=8)[0] for r in range(world)]
+        got = [int(i) for p in parts for i in p["labels"]]
+        for p in parts:  # each image still carries its own label, and born ages stay with them
+            assert (p["images"].flatten(1).long().T == p["labels"]).all()
+            assert (p["born"] == p["labels"] * 7 % 13).all()
+        assert len(got) == len(set(got))
+        dropped = every - set(got)
+        kept_born = min(i * 7 % 13 for i in got)
+        assert all(i * 7 % 13 <= kept_born for i in dropped)  # only the oldest go
+        assert sum(reshard(shards, world, r, capacity=8)[1] for r in range(world)) == len(dropped)
+        assert len(dropped) == {1: 15 - 8, 2: 0, 4: 0}[world]
