@@ -150,6 +150,27 @@ class Quadratic(torch.nn.Module):
         return ((x - self.t) ** 2).flatten(1).sum(1) * 100
 
 
+def test_bf16_models_keep_fp32_chains_within_bf16_rounding_of_fp32():
+    import copy
+    from ebmscale.config import ModelConfig
+    from ebmscale.eval.loading import cast_for_sampling
+    from ebmscale.eval.ood import energy_scores
+    from ebmscale.models import build_model
+    torch.manual_seed(0)
+    fp32 = build_model(ModelConfig(arch="resnet32", filters=8, in_channels=1, resolution=16, num_classes=10)).eval()
+    bf16 = copy.deepcopy(fp32)
+    assert cast_for_sampling([bf16], "bf16") == torch.bfloat16 and next(bf16.parameters()).dtype == torch.bfloat16
+    kw = dict(shape=(1, 16, 16), steps=5, step_size=10.0, noise=0.005, grad_clip=0.01, seed=3)
+    labels = torch.arange(8) % 10
+    x32, _ = sample_rounds([fp32], labels, **kw)
+    x16, _ = sample_rounds([bf16], labels, **kw)
+    assert x16.dtype == torch.float32 and not torch.equal(x16, x32)  # really computed in bf16
+    assert (x16 - x32).abs().max() < 0.03  # 5 steps of at most 0.1 each, gradients within bf16 rounding
+    x = x32.numpy()
+    e32, e16 = energy_scores([fp32], x, 10), energy_scores([bf16], x, 10)
+    assert np.abs(e16 - e32).max() < 0.02 * np.abs(e32).max() + 0.05
+
+
 def test_sample_rounds_relabel_nomix_and_sample_api():
     labels = torch.arange(40) % 10
     kw = dict(shape=(1, 4, 4), steps=5, step_size=1e-3, noise=0.005, grad_clip=None, seed=3)

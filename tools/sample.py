@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ebmscale.eval.loading import load_buffer, load_energy_model, load_ensemble
+from ebmscale.eval.loading import cast_for_sampling, load_buffer, load_energy_model, load_ensemble
 from ebmscale.eval.sample import sample_rounds
 from ebmscale.tracking.pictures import image_grid
 
@@ -79,6 +79,8 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=256, help="chains per Langevin call")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda = the local rank's GPU (LOCAL_RANK or SLURM_LOCALID, modulo the visible GPUs)")
+    p.add_argument("--precision", choices=["train", "fp32", "bf16", "fp16"], default="train",
+                   help="model compute during sampling (chains stay fp32); train = the run's train.precision")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--uint8", action="store_true", help="store images as uint8 0..255 (what IS/FID see; 4x smaller)")
     p.add_argument("--merge-timeout", type=float, default=7200, help="seconds rank 0 waits for the other parts")
@@ -97,6 +99,8 @@ def main() -> int:
             raise SystemExit(f"--models {path}: makes {ocfg.model.in_channels}x{ocfg.model.resolution}px images, "
                              f"{a.run} makes {shape[0]}x{shape[1]}px")
         models.append(other)
+    precision = cfg.train.precision if a.precision == "train" else a.precision
+    cast_for_sampling(models, precision)
     buffer = load_buffer(ckpt) if a.init == "buffer" else None
     if a.init == "buffer" and buffer is None:
         print(f"{ckpt} has no replay buffer; sampling from noise", file=sys.stderr)
@@ -118,7 +122,7 @@ def main() -> int:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(step=step, run=str(Path(ckpt).parent.parent.resolve()), checkpoint=str(Path(ckpt).resolve()),
-                settings=json.dumps({**settings, "steps": steps, "noise": noise, "grad_clip": clip, "world": world}))
+                settings=json.dumps({**settings, "precision": precision, "steps": steps, "noise": noise, "grad_clip": clip, "world": world}))
     if world > 1:
         save(out.with_name(f"{out.stem}.part{rank:05d}of{world:05d}.npz"), images=images, labels=labels.numpy(),
              **meta)
@@ -132,7 +136,7 @@ def main() -> int:
     grid = images[show].astype(np.float32) / (255 if a.uint8 else 1)
     Image.fromarray(image_grid(grid, nrow=a.per_class if not a.n else 20)).save(out.with_suffix(".png"))
     print(f"{len(images)} samples from {ckpt} (step {step}; {len(models)} models; {a.rounds} x {steps} Langevin "
-          f"steps from {'the buffer' if from_buffer else 'noise'}; {world} ranks) -> {out} and {out.with_suffix('.png')}")
+          f"steps from {'the buffer' if from_buffer else 'noise'} in {precision}; {world} ranks) -> {out} and {out.with_suffix('.png')}")
     return 0
 
 

@@ -60,6 +60,16 @@ def load_ensemble(path: str | Path, k: int = 1, device: str | torch.device = "cp
     return [model] + [load_energy_model(p, device)[0] for p in older], cfg, ckpt, step
 
 
+def cast_for_sampling(models: list, precision: str) -> torch.dtype:
+    """Cast models in place for sampling and scoring: fp32, or bf16 / fp16 compute (chains stay fp32, as in
+    training; `eval.sample.composed_energy` casts each model's input)."""
+    from ebmscale.train.ds_config import compute_dtype
+    dtype = compute_dtype(precision)
+    for m in models:
+        m.to(dtype)
+    return dtype
+
+
 def load_buffer(ckpt: Path) -> Optional[dict]:
     """All ranks' replay-buffer shards concatenated: images (uint8 or fp16), labels."""
     files = sorted(Path(ckpt).glob("rank_*.pt"))

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ebmscale.eval.metrics import auroc, roc_curve
-from ebmscale.eval.sample import frozen_all
+from ebmscale.eval.sample import composed_energy, frozen_all
 
 SYNTHETIC = ("uniform", "constant", "interpolation")
 
@@ -37,10 +37,10 @@ def energy_scores(models: Sequence[torch.nn.Module], x, num_classes: int, how: s
         for xb in torch.as_tensor(np.asarray(x, np.float32)).split(batch):
             xb = xb.to(dev)
             if num_classes == 0:
-                out.append(sum(m(xb, None) for m in models).float().cpu())
+                out.append(composed_energy(models, [None])(xb).cpu())
                 continue
-            e = torch.stack([sum(m(xb, torch.full((len(xb),), c, device=dev)) for m in models)
-                             for c in range(num_classes)], 1).float()
+            e = torch.stack([composed_energy(models, [torch.full((len(xb),), c, device=dev)])(xb)
+                             for c in range(num_classes)], 1)
             out.append((e.min(1).values if how == "min" else -torch.logsumexp(-e, 1)).cpu())
     return torch.cat(out).numpy()
 

@@ -9,21 +9,30 @@ from typing import Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from ebmscale.sampling import frozen, langevin
+from ebmscale.sampling import frozen, langevin, model_energy
+
+
+def _dtype(m: torch.nn.Module) -> torch.dtype:
+    return next(m.parameters()).dtype
 
 
 def composed_energy(models: Sequence[torch.nn.Module], labels: Sequence[Optional[torch.Tensor]]):
-    """Sum of energies: several models (an ensemble, or composition of concepts) and/or labels."""
+    """Sum of energies: several models (an ensemble, or composition of concepts) and/or labels. Each model
+    computes in its parameters' dtype (`loading.cast_for_sampling`), NHWC when that is bf16/fp16, as the
+    trainer's sampler; chains and energies stay fp32."""
+    parts = [model_energy(m, y, _dtype(m), channels_last=_dtype(m) != torch.float32) for m in models for y in labels]
+
     def energy(x: torch.Tensor) -> torch.Tensor:
-        return sum(m(x, y).float() for m in models for y in labels)
+        return sum(e(x) for e in parts)
     return energy
 
 
 @contextlib.contextmanager
 def frozen_all(models: Sequence[torch.nn.Module]):
-    """`frozen` for every model at once: no parameter gradients, spectral norms computed once."""
+    """`frozen` for every model at once: no parameter gradients, spectral norms computed once (stored NHWC for
+    the models that `composed_energy` feeds NHWC)."""
     with contextlib.ExitStack() as stack:
-        yield [stack.enter_context(frozen(m)) for m in models]
+        yield [stack.enter_context(frozen(m, channels_last=_dtype(m) != torch.float32)) for m in models]
 
 
 def initial_chains(kind: str, labels: torch.Tensor, shape: tuple, buffer: Optional[dict],
