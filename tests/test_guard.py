@@ -89,6 +89,18 @@ def test_config_rejects_bad_responses_and_remedies():
         load_config(CONFIG_DIR / "digits.yaml", ["guard.remedies=[lr/2]"])
 
 
+def test_a_deepspeed_without_the_internals_the_guard_needs_is_refused_at_startup():
+    from types import SimpleNamespace
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    from ebmscale.train.guard import check_discard_supported
+    opt = object.__new__(DeepSpeedZeroOptimizer)  # no instance state: as if this DeepSpeed renamed it
+    with pytest.raises(RuntimeError, match=r"averaged_gradients.*guard.enabled=false"):
+        check_discard_supported(SimpleNamespace(optimizer=opt))
+    opt.averaged_gradients, opt.all_grad_tensors, opt.micro_step_id, opt.cpu_offload = {}, {}, -1, False
+    check_discard_supported(SimpleNamespace(optimizer=opt))
+    check_discard_supported(SimpleNamespace(optimizer=torch.optim.SGD([torch.zeros(1, requires_grad=True)])))
+
+
 def test_checkpoint_health_rollback_target_and_pruning(tmp_path):
     ck = Checkpointer(tmp_path, OmegaConf.create({"keep_last": 2, "keep_every": 0}), rank=0, world_size=2)
     for step, ok in [(2, True), (4, True), (6, False), (8, False)]:

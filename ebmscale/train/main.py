@@ -28,7 +28,7 @@ from ebmscale.tracking import build_tracker, pictures
 from ebmscale.train import stop
 from ebmscale.train.checkpoint import Checkpointer, broadcast, set_rng_state
 from ebmscale.train.ds_config import build_ds_config, compute_dtype
-from ebmscale.train.guard import GuardFailure, build_guard
+from ebmscale.train.guard import GuardFailure, build_guard, check_discard_supported
 from ebmscale.train.optim import build_optimizer
 from ebmscale.train.trainer import Trainer
 
@@ -177,6 +177,8 @@ def main(cfg) -> stop.Outcome:
         load_dir = to_universal(resume, d.rank)
         ds_cfg["checkpoint"] = {"load_universal": True}
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim), config=ds_cfg)
+    if cfg.guard.enabled:
+        check_discard_supported(engine)
 
     m = cfg.model
     buffer = ReplayBuffer(cfg.buffer.capacity, (m.in_channels, m.resolution, m.resolution), m.num_classes,
