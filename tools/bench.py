@@ -21,13 +21,15 @@ SUMMARY = {
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     names = sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(ebmscale.bench.__path__))  # train-step
-    if not argv or argv[0].replace("_", "-") not in names:
+    asked = argv[:1] in (["-h"], ["--help"])
+    if asked or not argv or argv[0].replace("_", "-") not in names:
         listing = "\n".join(f"  {n:<11} {SUMMARY.get(n, '')}" for n in names)
         print(f"usage: tools/bench.py NAME [options]   (tools/bench.py NAME --help for its options)\n\n"
               f"benchmarks:\n{listing}\n\nEach prints a table and writes JSON under runs/bench/; see "
-              f"ebmscale/bench/README.md for the figures measured so far.",
-              file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
-        sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else (f"unknown benchmark '{argv[0]}'" if argv else 2))
+              f"ebmscale/bench/README.md for the figures measured so far.", file=sys.stdout if asked else sys.stderr)
+        if asked:
+            return 0
+        sys.exit(f"unknown benchmark '{argv[0]}'" if argv else 2)
     module = importlib.import_module(f"ebmscale.bench.{argv[0].replace('-', '_')}")
     parser = argparse.ArgumentParser(prog=f"bench.py {argv[0]}", description=module.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

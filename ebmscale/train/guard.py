@@ -83,25 +83,17 @@ def discard_gradients(engine) -> None:
     engine.zero_grad()
 
 
-# what discard_gradients touches, per optimizer class (DeepSpeed 0.19.8): checked when the run starts, not at the
-# first skipped step weeks into it
-_DISCARD_NEEDS = {"DeepSpeedZeroOptimizer": ("_release_preflattened_grad_buffers", "averaged_gradients",
-                                             "all_grad_tensors", "micro_step_id", "cpu_offload"),
-                  "DeepSpeedZeroOptimizer_Stage3": ("averaged_gradients",)}
-
-
 def check_discard_supported(engine) -> None:
-    """Raise at startup if this DeepSpeed lacks the internals `discard_gradients` relies on."""
+    """Raise when the run starts, not at the first skipped step weeks into it, if this DeepSpeed lacks what
+    `discard_gradients` touches (DeepSpeed 0.19.8's names)."""
     import deepspeed
-    try:
-        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-        from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpeedZeroOptimizer  # noqa: F401
-    except ImportError as e:
-        missing = [str(e)]
-    else:
-        opt = engine.optimizer
-        cls = next((c for c in (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3) if isinstance(opt, c)), None)
-        missing = [a for a in _DISCARD_NEEDS.get(cls.__name__ if cls else "", ()) if not hasattr(opt, a)]
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    needs = {DeepSpeedZeroOptimizer: ("_release_preflattened_grad_buffers", "averaged_gradients", "all_grad_tensors",
+                                      "micro_step_id", "cpu_offload"),
+             DeepSpeedZeroOptimizer_Stage3: ("averaged_gradients",)}
+    opt = engine.optimizer
+    missing = [a for cls, names in needs.items() if isinstance(opt, cls) for a in names if not hasattr(opt, a)]
     if missing:
         raise RuntimeError(f"deepspeed {deepspeed.__version__} lacks {missing}, which the stability guard uses to "
                            f"drop a skipped step's gradients (tested with deepspeed 0.19.8). Install "
@@ -241,4 +233,5 @@ def build_guard(cfg, world_size: int, device) -> Guard:
     return Guard(cfg.guard, base, world_size, device, fp16=cfg.train.precision == "fp16")
 
 
-__all__ = ["Guard", "GuardFailure", "Verdict", "build_guard", "check_discard_supported", "discard_gradients", "gradient_shard", "GUARD_SIGNALS"]
+__all__ = ["Guard", "GuardFailure", "Verdict", "build_guard", "check_discard_supported", "discard_gradients",
+           "gradient_shard", "GUARD_SIGNALS"]
