@@ -154,6 +154,20 @@ def test_two_ranks_two_workers_disjoint_and_reproducible(photos, tmp_path):
     assert all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(runs[0], runs[2]))
 
 
+def test_close_stops_the_loader_workers_at_once(photos):
+    """The trainer closes its stream on the way out: leaving the workers to garbage collection let a finished job
+    hang in multiprocessing's exit handler, which cannot stop workers that block SIGTERM."""
+    import multiprocessing as mp
+    before = set(mp.active_children())
+    s = stream_of(photos / PATTERN, batch_size=4, workers=2, resampled=True)
+    next(iter(s))
+    workers = set(mp.active_children()) - before
+    assert len(workers) == 2
+    s.close()
+    assert not any(w.is_alive() for w in workers)
+    s.close()  # idempotent
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_continues_the_same_stream(photos, workers):
     kw = dict(resampled=True, workers=workers, flip=True, random_resized_crop=True, dequantize=True, resolution=16)

@@ -221,6 +221,15 @@ class Stream:
             if self.batch == 0 and not self.resampled:
                 return
 
+    def close(self) -> None:
+        """Stop the loader workers now. Left to garbage collection, they may outlive the trainer's objects into
+        Python's exit handlers, and multiprocessing's then waits forever for workers that block SIGTERM
+        (`launch.job.shield_helper_processes`)."""
+        batches, self._batches = self._batches, None
+        shutdown = getattr(batches, "_shutdown_workers", None)  # the DataLoader iterator's own clean stop
+        if shutdown:
+            shutdown()
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch": self.batch, "seed": self.dataset.seed, "samples": self.samples,
                 "bad_samples": self.bad_samples, "world_size": self.dataset.world_size,

@@ -210,6 +210,8 @@ def main(cfg) -> stop.Outcome:
     except BaseException:
         tracker.finish("FAILED")
         raise
+    finally:
+        stream.close()
     if outcome == stop.Outcome.COMPLETED:
         tracker.finish("FINISHED")
         if d.rank == 0:
