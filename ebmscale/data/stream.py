@@ -242,7 +242,7 @@ class Stream:
                      f"{sd['epoch']} batch {sd['batch']} with a stream that differs from the uninterrupted one")
         self.epoch, self.batch = sd["epoch"], min(sd["batch"], self.steps_per_epoch - 1)
         self.dataset.seed, self.samples, self.bad_samples = sd["seed"], sd.get("samples", 0), sd.get("bad_samples", 0)
-        self._batches = None  # the next iter() starts workers at the restored position
+        self.close()  # the next iter() starts workers at the restored position
 
     def stats(self) -> dict:
         return {"samples": self.samples, "bad_samples": self.bad_samples, "bad_shards": dict(self.bad_shards),
