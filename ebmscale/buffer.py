@@ -70,8 +70,8 @@ class ReplayBuffer:
         """The filled slots in storage order plus the write position, so a resumed run draws exactly
         the same samples; `born` orders them by age for re-sharding."""
         n = self.size
-        return {"images": self.images[:n].cpu().clone(), "labels": self.labels[:n].cpu().clone(),
-                "born": self.born[:n].cpu().clone(), "ptr": self.ptr, "dtype": self.dtype, "shape": self.shape}
+        snap = {k: getattr(self, k)[:n].to("cpu", copy=True) for k in ("images", "labels", "born")}  # one copy
+        return {**snap, "ptr": self.ptr, "dtype": self.dtype, "shape": self.shape}
 
     def load_state_dict(self, sd: dict) -> None:
         if tuple(sd["shape"]) != self.shape or sd["dtype"] != self.dtype:
