@@ -246,11 +246,16 @@ def test_stuck_after_a_stop_request_is_marked_killed(mlflow_server, tmp_path):
     t.log_metrics({"loss": 1.0}, 1)
     try:
         stop.request_stop("SIGTERM")
+        for step in range(2, 10):  # a slow but live stop (saving a checkpoint, logging) is not stuck
+            time.sleep(0.3)
+            t.log_metrics({"loss": 1.0}, step)
+        t.flush(10)
+        assert get_run(mlflow_server.url, t.run_id)[0]["status"] == "RUNNING"
         wait_for(lambda: t.run_id and get_run(mlflow_server.url, t.run_id)[0]["status"] == "KILLED", 30, "KILLED")
     finally:
         stop.clear()
     info, _, tags = get_run(mlflow_server.url, t.run_id)
-    assert "stop request (SIGTERM)" in tags["end_reason"] and mlflow_server.metric_steps(t.run_id, "loss") == [1]
+    assert "stop request (SIGTERM)" in tags["end_reason"] and mlflow_server.metric_steps(t.run_id, "loss") == list(range(1, 10))
     t.close(5)
 
 

@@ -12,8 +12,8 @@ Status. FINISHED when training completed; FAILED when it raised (a crashed peer 
 failed collective); KILLED when it stopped early on a signal (preemption, scancel, Ctrl-C, torchrun's SIGTERM
 after another rank died): a relaunch on the same run_dir sets it RUNNING again. RUNNING therefore means a
 launch is alive, except after a SIGKILL of rank 0 itself (OOM killer, node loss), which leaves RUNNING until
-the next launch. If a stop was requested (stop.py's flag, set by the signal handlers) and the process has not
-finished or closed the tracker `killed_after_s` (15 s) later, e.g. because it hangs in a collective with a
+the next launch. If a stop was requested (stop.py's flag, set by the signal handlers) and the process has neither
+finished, closed the tracker nor logged anything (a checkpoint counts) for `killed_after_s` (15 s), e.g. because it hangs in a collective with a
 dead peer (NCCL does not fail those, gloo does), the tracker marks the run KILLED itself before torchrun's
 SIGKILL (30 s after its SIGTERM).
 
@@ -128,6 +128,7 @@ class MlflowTracker:
         self._server_steps: Dict[str, int] = {}  # the run's latest steps as the store had them when (re)opened
         self._wake, self._stop, self._closed = threading.Event(), threading.Event(), threading.Event()
         self.killed_after_s = KILLED_AFTER_S
+        self._last_put = 0.0  # monotonic time of the last record: activity the stop watchdog sees
         self._thread = self._client = None
         self._started, self._failures = False, set()
         self._down = False
@@ -146,6 +147,7 @@ class MlflowTracker:
         if not self._started and self._run_id is None:
             raise RuntimeError("call start() first")  # else the record would wait forever for a run
         self.spool.append(record)
+        self._last_put = time.monotonic()
         self._wake.set()
 
     @_safe
@@ -244,14 +246,21 @@ class MlflowTracker:
         self.close(self.cfg.flush_timeout_s if timeout_s is None else timeout_s)
 
     def _watchdog(self) -> None:
-        """KILLED if a stop was requested and nobody finished or closed the tracker killed_after_s later."""
+        """KILLED if a stop was requested and the trainer then neither ended nor logged anything (a checkpoint
+        saved counts) for killed_after_s. If it was only slow, its finish() sets the final status anyway."""
         from ebmscale.train import stop
         while not self._closed.wait(0.5):
             if stop.stop_requested():
-                if self._closed.wait(self.killed_after_s):
+                quiet_since = time.monotonic()
+                while not self._closed.wait(0.5):
+                    quiet_since = max(quiet_since, self._last_put)
+                    if time.monotonic() - quiet_since > self.killed_after_s:
+                        break
+                else:
                     return
-                _warn(f"stop requested ({stop.stop_reason() or 'by a peer'}) {self.killed_after_s:g}s ago and the "
-                      f"trainer has not ended: stuck (a dead peer rank?); marking run {self._run_id} KILLED")
+                _warn(f"stop requested ({stop.stop_reason() or 'by a peer'}) and nothing from the trainer for "
+                      f"{self.killed_after_s:g}s: marking run {self._run_id} KILLED before a SIGKILL can come "
+                      f"(a dead peer rank?)")
                 with self.spool.lock:
                     self._put({"op": "tags", "tags": {"end_reason": f"no progress {self.killed_after_s:g}s after a "
                                                                     f"stop request ({stop.stop_reason()})"}})
