@@ -103,5 +103,4 @@ def reshard(shards: list[dict], world_size: int, rank: int, capacity: int) -> tu
     for i, s in enumerate(shards):
         at = (source[mine] == i).nonzero().squeeze(1)
         images[at], labels[at] = s["images"][row[mine[at]]], s["labels"][row[mine[at]]]
-    return ({"images": images, "labels": labels, "born": born[mine], "ptr": mine.numel(),
-             "dtype": shards[0]["dtype"], "shape": shards[0]["shape"]}, dropped)
+    return ({"images": images, "labels": labels, "born": born[mine], "dtype": shards[0]["dtype"], "shape": shards[0]["shape"]}, dropped)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -93,8 +94,11 @@ def frozen(model: nn.Module, channels_last: bool = False):
                     if parametrize.is_parametrized(m):
                         for name in m.parametrizations:
                             getattr(m, name)
-                cache = getattr(parametrize, "_cache", {})  # torch's cache of the computed weights
-                for key, w in list(cache.items()) if channels_last else ():
+                cache = getattr(parametrize, "_cache", None)  # torch's cache of the computed weights
+                if channels_last and cache is None:
+                    warnings.warn("torch.nn.utils.parametrize._cache is gone in this torch: sampler.channels_last "
+                                  "now converts every weight at every Langevin step (slower, same samples)")
+                for key, w in list(cache.items()) if channels_last and cache else ():
                     if w is not None and w.dim() == 4:
                         cache[key] = w.contiguous(memory_format=torch.channels_last)
             yield model

@@ -28,7 +28,7 @@ from ebmscale.tracking import build_tracker, pictures
 from ebmscale.train import stop
 from ebmscale.train.checkpoint import Checkpointer, broadcast, set_rng_state
 from ebmscale.train.ds_config import build_ds_config, compute_dtype
-from ebmscale.train.guard import GuardFailure, build_guard, check_discard_supported
+from ebmscale.train.guard import GuardFailure, check_discard_supported
 from ebmscale.train.optim import build_optimizer
 from ebmscale.train.trainer import Trainer
 
@@ -186,8 +186,7 @@ def main(cfg) -> stop.Outcome:
     stream = build_stream(cfg.data, cfg.model, d.rank, d.world_size, cfg.run.seed)
     run_id = (prev or {}).get("tracking", {}).get("run_id")
     tracker = build_tracker(cfg.tracking, out, d.rank, run_id, cfg.run.name)
-    trainer = Trainer(cfg, engine, buffer, stream, tracker, ckpt, d.rank, d.world_size, out, pictures,
-                      guard=build_guard(cfg, d.world_size, engine.device))
+    trainer = Trainer(cfg, engine, buffer, stream, tracker, ckpt, d.rank, d.world_size, out, pictures)
     if resume:
         restore(trainer, engine, buffer, stream, resume, load_dir, d.rank, d.world_size, cfg.run.seed)
     hosts = all_hosts()

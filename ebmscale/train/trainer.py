@@ -35,7 +35,6 @@ class Trainer:
         self.step = 0
         self.images_seen = 0
         self._saved_step = -1
-        self.history: list[dict] = []  # per-log-step metrics (rank 0), for tests and the stability guard
         self.guard = guard or build_guard(cfg, world_size, self.device)
 
     # ---- one step -----------------------------------------------------------------------------
@@ -138,7 +137,6 @@ class Trainer:
             if self.rank == 0:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", Epos=f"{metrics['e_pos']:.3f}",
                                 Eneg=f"{metrics['e_neg']:.3f}", ips=f"{metrics['images_per_s']:.1f}")
-                self.history.append({"step": self.step, **metrics})
                 self.tracker.log_metrics(metrics, step=self.step)
                 with open(self.run_dir / "logs" / "metrics.jsonl", "a") as f:
                     f.write(json.dumps({"step": self.step, **metrics}) + "\n")
