@@ -238,3 +238,17 @@ def test_tools_end_to_end_on_a_tiny_digits_run(tiny_run, tmp_path, monkeypatch, 
     db = sqlite3.connect(tiny_run.parent / "mlflow.db")
     logged = dict(db.execute("select key, value from metrics where run_uuid=? and key like 'eval/%'", (run_id,)))
     assert logged["eval/accuracy"] == pytest.approx(m["accuracy"]) and "eval/ood/auroc_uniform" in logged
+
+
+def test_evaluation_skips_checkpoints_the_guard_marked_unhealthy(tmp_path, capsys):
+    from ebmscale.eval.loading import resolve_checkpoint
+    root = tmp_path / "run" / "checkpoints"
+    for step, ok in ((10, True), (20, False)):
+        (root / f"step_{step:09d}").mkdir(parents=True)
+        (root / f"step_{step:09d}" / "COMMITTED").write_text(json.dumps({"step": step, "healthy": ok}))
+    assert resolve_checkpoint(tmp_path / "run") == (tmp_path / "run", root / "step_000000010")
+    assert "step_000000020 was marked unhealthy" in capsys.readouterr().err
+    assert resolve_checkpoint(root / "step_000000020")[1] == root / "step_000000020"  # named: used as asked
+    (root / "step_000000010" / "COMMITTED").write_text(json.dumps({"step": 10, "healthy": False}))
+    with pytest.raises(FileNotFoundError, match="no healthy committed checkpoint"):
+        resolve_checkpoint(tmp_path / "run")

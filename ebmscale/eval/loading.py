@@ -1,6 +1,7 @@
 """Load a trained energy model (and its replay buffer) from a run folder, without DeepSpeed's engine."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -8,7 +9,7 @@ import torch
 
 from ebmscale.config import from_yaml_file
 from ebmscale.models import build_model
-from ebmscale.train.checkpoint import Checkpointer, committed, latest, list_checkpoints
+from ebmscale.train.checkpoint import Checkpointer, committed, healthy_checkpoints, latest
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
@@ -16,10 +17,13 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     path = Path(path)
     if committed(path):
         return path.parent.parent, path
-    ckpt = latest(path / "checkpoints")
-    if ckpt is None:
-        raise FileNotFoundError(f"{path} holds no committed checkpoint (looked in {path / 'checkpoints'}); "
-                                f"train first, or pass a checkpoint folder")
+    newest, ckpt = latest(path / "checkpoints"), next(iter(healthy_checkpoints(path / "checkpoints")[-1:]), None)
+    if newest is None or ckpt is None:
+        raise FileNotFoundError(f"{path} holds no {'healthy ' if newest else ''}committed checkpoint (looked in "
+                                f"{path / 'checkpoints'}); train first, or pass a checkpoint folder")
+    if ckpt != newest:
+        print(f"{newest.name} was marked unhealthy by the stability guard; using {ckpt.name} (pass {newest} to "
+              f"use it anyway)", file=sys.stderr)
     return path, ckpt
 
 
@@ -53,7 +57,7 @@ def load_ensemble(path: str | Path, k: int = 1, device: str | torch.device = "cp
     Returns (models, newest first; config; checkpoint folder; step) of the newest."""
     model, cfg, ckpt, step = load_energy_model(path, device)
     run = resolve_checkpoint(path)[0]
-    older = [p for p in list_checkpoints(run / "checkpoints") if int(p.name.split("_")[1]) < step][::-1][:k - 1]
+    older = [p for p in healthy_checkpoints(run / "checkpoints") if int(p.name.split("_")[1]) < step][::-1][:k - 1]
     if len(older) < k - 1:
         raise ValueError(f"--ensemble {k}: {run} keeps {len(older) + 1} checkpoints up to step {step}; train with "
                          f"checkpoint.keep_last>={k} (or checkpoint.keep_every) to keep enough of them")
