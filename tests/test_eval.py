@@ -252,3 +252,17 @@ def test_evaluation_skips_checkpoints_the_guard_marked_unhealthy(tmp_path, capsy
     (root / "step_000000010" / "COMMITTED").write_text(json.dumps({"step": 10, "healthy": False}))
     with pytest.raises(FileNotFoundError, match="no healthy committed checkpoint"):
         resolve_checkpoint(tmp_path / "run")
+
+
+def test_sample_merge_waits_for_this_launchs_parts_not_stale_ones(tmp_path):
+    out = tmp_path / "s.npz"
+    part = lambda r: out.with_name(f"s.part{r:05d}of00002.npz")  # noqa: E731
+    meta = {"checkpoint": "/run/checkpoints/step_000000020", "settings": '{"seed": 1}'}
+    sample_tool.save(part(0), images=np.zeros((2, 1, 4, 4)), labels=np.array([0, 1]), **meta)
+    sample_tool.save(part(1), images=np.ones((2, 1, 4, 4)), labels=np.array([5, 5]),  # a crashed launch's
+                     **{**meta, "settings": '{"seed": 0}'})
+    with pytest.raises(TimeoutError, match="left by an earlier launch"):
+        sample_tool.merge(out, 2, 0.0, meta)
+    sample_tool.save(part(1), images=np.ones((2, 1, 4, 4)), labels=np.array([2, 3]), **meta)
+    merged = sample_tool.merge(out, 2, 0.0, meta)
+    assert list(merged["labels"]) == [0, 1, 2, 3] and not part(0).exists() and not part(1).exists()

@@ -36,13 +36,24 @@ def save(path: Path, **arrays) -> None:
     os.replace(tmp, path)
 
 
-def merge(out: Path, world: int, timeout_s: float) -> dict:
-    """Rank 0: wait for every rank's part, concatenate them in rank order, remove them."""
+def _part_of_this_launch(part: Path, meta: dict) -> bool:
+    """A part left by an earlier, crashed or timed-out launch has another checkpoint or other settings."""
+    try:
+        with np.load(part) as d:
+            return all(str(d[k]) == str(v) for k, v in meta.items())
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def merge(out: Path, world: int, timeout_s: float, meta: dict) -> dict:
+    """Rank 0: wait for every rank's part of this launch, concatenate them in rank order, remove them."""
     parts = [out.with_name(f"{out.stem}.part{r:05d}of{world:05d}.npz") for r in range(world)]
     deadline = time.monotonic() + timeout_s
-    while not all(p.exists() for p in parts):
+    while not all(p.exists() and _part_of_this_launch(p, meta) for p in parts):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"parts still missing after {timeout_s:g}s: {[str(p) for p in parts if not p.exists()]}")
+            missing = [str(p) for p in parts if not (p.exists() and _part_of_this_launch(p, meta))]
+            raise TimeoutError(f"parts of this launch still missing after {timeout_s:g}s (absent, or left by an "
+                               f"earlier launch with other settings): {missing}")
         time.sleep(2)
     loaded = [dict(np.load(p)) for p in parts]
     merged = {k: np.concatenate([d[k] for d in loaded]) if k in ("images", "labels") else loaded[0][k]
@@ -128,7 +139,7 @@ def main() -> int:
              **meta)
         if rank:
             return 0
-        merged = merge(out, world, a.merge_timeout)
+        merged = merge(out, world, a.merge_timeout, {k: meta[k] for k in ("checkpoint", "settings")})
         images, labels = merged["images"], torch.as_tensor(merged["labels"])
     else:
         save(out, images=images, labels=labels.numpy(), **meta)
