@@ -306,8 +306,8 @@ def validate(cfg: DictConfig) -> None:
     _check(c.every > 0, "checkpoint.every", f"must be > 0, got {c.every}")
     _check(c.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1 (the latest is always kept), got {c.keep_last}")
     _check(c.keep_every >= 0, "checkpoint.keep_every", f"must be >= 0, got {c.keep_every}")
-    for k in ("chain_gif_every",):
-        _check(cfg.tracking[k] > 0, f"tracking.{k}", f"must be > 0, got {cfg.tracking[k]}")
+    _check(cfg.tracking.chain_gif_every > 0, "tracking.chain_gif_every",
+           f"must be > 0, got {cfg.tracking.chain_gif_every}")
     _check(cfg.tracking.retry_s > 0, "tracking.retry_s", f"must be > 0 seconds, got {cfg.tracking.retry_s}")
     _check(cfg.tracking.flush_timeout_s >= 0, "tracking.flush_timeout_s",
            f"must be >= 0 seconds, got {cfg.tracking.flush_timeout_s}")

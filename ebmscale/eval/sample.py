@@ -80,13 +80,3 @@ def sample_rounds(models: Sequence[torch.nn.Module], labels: torch.Tensor, shape
                     new = torch.rand(len(x), generator=g) < relabel
                     labels[new] = torch.randint(0, num_classes, (int(new.sum()),), generator=g)
     return x, labels
-
-
-def sample(model: torch.nn.Module, labels: torch.Tensor, shape: tuple, steps: int, step_size: float,
-           noise: float, grad_clip: Optional[float], init: str = "noise", buffer: Optional[dict] = None,
-           seed: int = 0, batch: int = 256, extra_labels: Sequence[torch.Tensor] = (),
-           models: Sequence[torch.nn.Module] = ()) -> torch.Tensor:
-    """Samples in [0, 1], fp32, [N, *shape]; `labels` condition them (ignored when unconditional).
-    `extra_labels` / `models` add energies (composition, historical ensembles)."""
-    return sample_rounds([model, *models], labels, shape, steps, step_size, noise, grad_clip, init=init,
-                         buffer=buffer, seed=seed, batch=batch, extra_labels=extra_labels)[0]

@@ -80,7 +80,7 @@ def launch_main(argv: Optional[Sequence[str]] = None) -> int:
         OmegaConf.resolve(cfg)
         cfg.run.dir = str(run_dir(cfg).resolve())  # fixed in the pickle: requeued jobs find their folder
         if mode == "local":
-            nproc, ngpu = submit.local_nproc(cfg, args.nproc)
+            nproc, ngpu = submit.local_nproc(args.nproc)
             world = nproc
         else:
             nproc, ngpu = checks.tasks_per_node(cfg.launcher), cfg.launcher.gpus_per_node

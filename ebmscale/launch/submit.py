@@ -97,7 +97,7 @@ def sbatch_test_only(script: str) -> str:
     return f"slurm: {msg.replace('sbatch: ', '')}"
 
 
-def local_nproc(cfg: DictConfig, nproc: Optional[int]) -> Tuple[int, int]:
+def local_nproc(nproc: Optional[int]) -> Tuple[int, int]:
     """(processes, GPUs) for --local: --nproc, else one per visible GPU, else 2 CPU processes."""
     try:
         import torch
