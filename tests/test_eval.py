@@ -266,3 +266,12 @@ def test_sample_merge_waits_for_this_launchs_parts_not_stale_ones(tmp_path):
     sample_tool.save(part(1), images=np.ones((2, 1, 4, 4)), labels=np.array([2, 3]), **meta)
     merged = sample_tool.merge(out, 2, 0.0, meta)
     assert list(merged["labels"]) == [0, 1, 2, 3] and not part(0).exists() and not part(1).exists()
+
+
+def test_evaluation_reads_pipe_shards_only_when_allowed(digits_shards):
+    from ebmscale.config import ConfigError
+    spec = f"pipe:cat {sorted(digits_shards.glob('*.tar'))[0]}"
+    with pytest.raises(ConfigError, match="allow_pipe"):
+        read_images(spec, 16, 1, 5)
+    x, y = read_images(spec, 16, 1, 5, allow_pipe=True)  # a run with data.allow_pipe, or --shards as typed
+    assert x.shape == (5, 1, 16, 16) and y.shape == (5,)

@@ -35,12 +35,15 @@ def as_float(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) / 255 if x.dtype == np.uint8 else x
 
 
-def run_shards(run: Path | None, shards: str | None) -> str:
+def run_shards(run: Path | None, shards: str | None) -> tuple[str, bool]:
+    """(shards spec, whether `pipe:` URLs may run): --shards as given on the command line, else the run's
+    data.shards under its data.allow_pipe."""
     if shards:
-        return shards
+        return shards, True
     if run is None or not (run / "config.yaml").exists():
         raise SystemExit("--shards is needed: the samples name no run folder with a config.yaml")
-    return from_yaml_file(run / "config.yaml").data.shards
+    data = from_yaml_file(run / "config.yaml").data
+    return data.shards, data.allow_pipe
 
 
 def device_of(a) -> str:
@@ -63,7 +66,9 @@ def cmd_fid(a, with_fid: bool = True) -> dict:
         net = feature_net(a.inception, a.classifier, device_of(a))
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise SystemExit(str(e))
-    ref = reference_stats(net, run_shards(run, a.shards), x.shape[2], x.shape[1], a.ref_limit, run) if with_fid else None
+    spec, allow_pipe = run_shards(run, a.shards)
+    ref = reference_stats(net, spec, x.shape[2], x.shape[1], a.ref_limit, run, allow_pipe=allow_pipe) \
+        if with_fid else None
     res = fid_and_is(net, x, ref, a.splits)
     tag = "" if net.key.startswith("inception") else "_classifier"
     report = Report("fid" if with_fid else "is", run, step, a.json)
@@ -96,12 +101,13 @@ def cmd_ood(a) -> dict:
     from ebmscale.eval.ood import aurocs, energy_scores, histograms, roc_curves, synthetic
     models, cfg, run, step = load_models(a)
     m = cfg.model
-    x_in, _ = read_images(run_shards(run, a.shards), m.resolution, m.in_channels, a.n)
+    spec, allow_pipe = run_shards(run, a.shards)
+    x_in, _ = read_images(spec, m.resolution, m.in_channels, a.n, allow_pipe=allow_pipe)
     rng = np.random.default_rng(a.seed)
     sources = {k: synthetic(k, x_in, rng) for k in a.synthetic}
     for item in a.source:
         name, _, spec = item.partition("=")
-        sources[name] = read_images(spec, m.resolution, m.in_channels, a.n)[0]
+        sources[name] = read_images(spec, m.resolution, m.in_channels, a.n, allow_pipe=True)[0]  # as typed
     score = lambda x: energy_scores(models, x, m.num_classes, a.score)
     s_in = score(x_in)
     s_out = {k: score(x) for k, x in sources.items()}
@@ -120,7 +126,8 @@ def cmd_restore(a) -> dict:
     from ebmscale.eval.restore import denoise, inpaint
     models, cfg, run, step = load_models(a)
     m, s = cfg.model, cfg.sampler
-    x, y = read_images(run_shards(run, a.shards), m.resolution, m.in_channels, a.n)
+    spec, allow_pipe = run_shards(run, a.shards)
+    x, y = read_images(spec, m.resolution, m.in_channels, a.n, allow_pipe=allow_pipe)
     labels = y if m.num_classes > 0 else None
     langevin = dict(step_size=a.step_size or s.step_size, noise=s.noise if a.noise is None else a.noise,
                     grad_clip=s.grad_clip if a.grad_clip is None else (a.grad_clip or None), seed=a.seed)

@@ -37,7 +37,8 @@ def iter_images(spec: str, size: int, channels: int, limit: int | None = None, b
         raise ValueError(f"no images found in {spec}")
 
 
-def read_images(spec: str, size: int, channels: int, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_images(spec: str, size: int, channels: int, limit: int | None = None,
+                allow_pipe: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """iter_images, all at once: (x float32 [N, C, H, W] in [0, 1], labels)."""
-    xs, ys = zip(*iter_images(spec, size, channels, limit))
+    xs, ys = zip(*iter_images(spec, size, channels, limit, allow_pipe=allow_pipe))
     return np.concatenate(xs).astype(np.float32) / 255, np.concatenate(ys)

@@ -86,14 +86,15 @@ def cache_path(spec: str, net_key: str, size: int, channels: int, limit: int | N
 
 
 def reference_stats(net: nn.Module, spec: str, size: int, channels: int, limit: int | None = None,
-                    run_dir: Path | None = None, log=print) -> dict:
+                    run_dir: Path | None = None, log=print, allow_pipe: bool = False) -> dict:
     """The Gaussian statistics of the real images in `spec` (fitted to size x size x channels), computed once."""
     path = cache_path(spec, net.key, size, channels, limit, run_dir)
     if path.exists():
         log(f"reference statistics from {path}")
         return dict(np.load(path))
     log(f"reference statistics of the images of {spec} -> {path}")
-    stats = gaussian_stats(np.concatenate([extract(net, x)[0] for x, _ in iter_images(spec, size, channels, limit)]))
+    stats = gaussian_stats(np.concatenate([extract(net, x)[0] for x, _ in iter_images(spec, size, channels, limit,
+                                                                                        allow_pipe=allow_pipe)]))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
     np.savez(tmp, **stats, spec=spec, feature_net=net.key, size=size, channels=channels)
