@@ -1,6 +1,10 @@
-"""PIL helpers shared by the shard writer and the training stream: any mode to RGB/L, shorter side + centre crop."""
+"""PIL helpers shared by the shard writer, the training stream and evaluation: any mode to RGB/L, shorter side +
+centre crop."""
 from __future__ import annotations
 
+import io
+
+import numpy as np
 from PIL import Image
 
 
@@ -32,3 +36,9 @@ def open_for(src, size: int) -> Image.Image:
     if img.format == "JPEG":
         img.draft(None, (size, size))
     return img
+
+
+def decode(data: bytes, size: int, channels: int) -> np.ndarray:
+    """Encoded image bytes -> uint8 [channels, size, size], fitted as the shard writer fits them."""
+    img = fit(to_mode(open_for(io.BytesIO(data), size), channels), size)
+    return np.asarray(img, dtype=np.uint8).reshape(size, size, channels).transpose(2, 0, 1)

@@ -31,7 +31,7 @@ from webdataset.filters import _shuffle
 from webdataset.tariterators import tarfile_samples
 
 from ebmscale.config import ConfigError
-from ebmscale.data.images import fit, to_mode
+from ebmscale.data.images import decode, to_mode
 from ebmscale.data.shards import count_samples, resolve
 
 log = logging.getLogger("ebmscale.data")
@@ -141,17 +141,14 @@ class ShardBatches(IterableDataset):
             raise BadSample(f"no image among fields {sorted(k for k in sample if not k.startswith('__'))}")
         y = self._label(sample) if self.num_classes else 0
         r = self.res
-        img = Image.open(io.BytesIO(data))
-        if img.format == "JPEG" and not self.rrc:
-            img.draft(None, (r, r))  # decode at the smallest DCT scale still >= r
-        img = to_mode(img, self.channels)
         if self.rrc:
+            img = to_mode(Image.open(io.BytesIO(data)), self.channels)
             img = img.resize((r, r), Image.Resampling.BICUBIC, box=_crop_box(*img.size, rng))
-        elif img.size != (r, r):
-            img = fit(img, r)
+            a = np.asarray(img, dtype=np.uint8).reshape(r, r, self.channels).transpose(2, 0, 1)
+        else:
+            a = decode(data, r, self.channels)
         if self.flip and rng.random() < 0.5:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        a = np.asarray(img, dtype=np.uint8).reshape(r, r, self.channels).transpose(2, 0, 1)
+            a = a[:, :, ::-1]
         if self.dequantize:  # uniform 1/256 dequantization: pixel k -> [k/256, (k+1)/256)
             return (a + rng.random(a.shape, dtype=np.float32)) / np.float32(256), y
         return a.astype(np.float32) / np.float32(255), y

@@ -1,14 +1,12 @@
 """Evaluation images straight from shards: deterministic order, no augmentation, no dequantization."""
 from __future__ import annotations
 
-import io
 from typing import Iterator
 
 import numpy as np
-from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
-from ebmscale.data.images import fit, to_mode
+from ebmscale.data.images import decode
 from ebmscale.data.shards import list_shards
 from ebmscale.data.stream import IMAGE_KEYS
 
@@ -22,8 +20,7 @@ def iter_images(spec: str, size: int, channels: int, limit: int | None = None, b
         ext = next((k for k in IMAGE_KEYS if k in s), None)
         if ext is None:
             continue
-        img = fit(to_mode(Image.open(io.BytesIO(s[ext])), channels), size)
-        xs.append(np.asarray(img, np.uint8).reshape(size, size, channels).transpose(2, 0, 1))
+        xs.append(decode(s[ext], size, channels))
         ys.append(int(s["cls"]) if "cls" in s else 0)
         n += 1
         if len(xs) == batch or n == limit:
