@@ -7,7 +7,8 @@ Every DataLoader worker of every rank is one *slot* that yields exactly `per_wor
                  stops at the batch count the smallest share allows (so ranks stay in step); one epoch per iter().
 Samples pass a shuffle buffer seeded (seed, rank, worker, epoch, "samples"); sample i of a slot's epoch is
 augmented and dequantized with a numpy RNG seeded (seed, rank, worker, epoch, i), so a resumed run skips the
-samples it already used without decoding them and continues the identical stream (`state_dict`).
+samples it already used without decoding them and continues the identical stream (`state_dict`); a corrupt
+sample before the restart point shifts the resumed slot by one sample (they are skipped undecoded, so not known).
 The loader's workers serve batches round-robin; after a restart worker j plays slot (j + consumed) % workers, so
 the order of batches is unchanged too. Workers start from a forkserver, never forked from a process that holds
 CUDA or DeepSpeed's gloo threads.
