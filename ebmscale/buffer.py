@@ -87,6 +87,13 @@ class ReplayBuffer:
         self.ptr = int(sd.get("ptr", n)) % self.capacity if n == self.capacity else n % self.capacity
 
 
+def build_buffer(cfg, device: str | torch.device = "cpu") -> ReplayBuffer:
+    """This rank's buffer as a run's config (`buffer`, `model`) describes it."""
+    m, b = cfg.model, cfg.buffer
+    return ReplayBuffer(b.capacity, (m.in_channels, m.resolution, m.resolution), m.num_classes, b.dtype,
+                        b.fresh_fraction, device=device)
+
+
 def reshard(shards: list[dict], world_size: int, rank: int, capacity: int) -> tuple[dict, int]:
     """This rank's share when `len(shards)` buffer shards are resumed on `world_size` ranks.
     Every sample goes to exactly one rank (round-robin over all samples, oldest first); if the new shard

@@ -114,35 +114,25 @@ def build_trainer(config: str, overrides: List[str], run_dir: str | Path):
     ebmscale/train/main.py builds it; no data stream, tracker or checkpointer (the benchmark feeds batches)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
     from ebmscale import distributed
-    from ebmscale.buffer import ReplayBuffer
+    from ebmscale.buffer import build_buffer
     from ebmscale.config import load_config
-    from ebmscale.models import build_model
-    from ebmscale.train.ds_config import build_ds_config, compute_dtype
-    from ebmscale.train.optim import build_optimizer
+    from ebmscale.train.ds_config import build_ds_config
+    from ebmscale.train.main import build_engine
     from ebmscale.train.trainer import Trainer
 
     d = distributed.init()
     cfg = load_config(config, ["tracking.enabled=false", *overrides])
-    torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg.model).to(compute_dtype(cfg.train.precision))
-    torch.manual_seed(cfg.run.seed + 7919 * d.rank)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim),
-                                      config=build_ds_config(cfg, d.world_size))
-    m = cfg.model
-    buffer = ReplayBuffer(cfg.buffer.capacity, (m.in_channels, m.resolution, m.resolution), m.num_classes,
-                          cfg.buffer.dtype, cfg.buffer.fresh_fraction, device=engine.device)
-    return Trainer(cfg, engine, buffer, None, None, None, d.rank, d.world_size, Path(run_dir))
+    engine = build_engine(cfg, d.rank, build_ds_config(cfg, d.world_size))
+    return Trainer(cfg, engine, build_buffer(cfg, engine.device), None, None, None, d.rank, d.world_size,
+                   Path(run_dir))
 
 
 def trainer_step(trainer, x_pos: torch.Tensor, y_pos: torch.Tensor) -> dict:
     """One training step as Trainer.fit runs it: sampling + forward/backward, then the optimizer step (the guard's
     verdict in between, one all-reduce of a few scalars, is left out)."""
     out = trainer.train_step(x_pos, y_pos)
-    if hasattr(trainer, "update"):
-        trainer.update(out, skip=False)
+    trainer.update(out, skip=False)
     return out
 
 

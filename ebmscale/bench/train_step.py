@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ebmscale.bench import (build_trainer, device, plain_frozen, plain_langevin, set_threads, sync, trainer_step,
                             positive, write_json)
-from ebmscale.buffer import ReplayBuffer
+from ebmscale.buffer import build_buffer
 from ebmscale.models import build_model
 from ebmscale.train.loss import cd_loss
 
@@ -92,8 +92,7 @@ class PlainStep:
         torch.manual_seed(cfg.run.seed)
         self.model = build_model(m).to(dev)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2))
-        self.buffer = ReplayBuffer(cfg.buffer.capacity, (m.in_channels, m.resolution, m.resolution), m.num_classes,
-                                   cfg.buffer.dtype, cfg.buffer.fresh_fraction, device=dev)
+        self.buffer = build_buffer(cfg, dev)
 
     def __call__(self, x_pos, y_pos) -> dict:
         s, cond, dev = self.cfg.sampler, self.cfg.model.num_classes > 0, self.dev

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from ebmscale import distributed
-from ebmscale.buffer import ReplayBuffer, reshard
+from ebmscale.buffer import ReplayBuffer, build_buffer, reshard
 from ebmscale.config import ConfigError, flatten, from_yaml_file, run_dir, to_yaml
 from ebmscale.data import build_stream
 from ebmscale.models import build_model
@@ -153,6 +153,20 @@ def restore(trainer: Trainer, engine, buffer: ReplayBuffer, stream, folder: Path
         f"{world_size}: buffer re-sharded ({len(buffer)} samples here{note}), optimizer via universal checkpoint")
 
 
+def build_engine(cfg, rank: int, ds_cfg: dict):
+    """The energy model under DeepSpeed; afterwards the global RNG is this rank's own (chains, noise)."""
+    # the same seed on every rank: DeepSpeed broadcasts parameters but not buffers, and the spectral-norm
+    # vectors (u, v) must agree across ranks or each rank normalises its weights differently
+    torch.manual_seed(cfg.run.seed)
+    # cast before DeepSpeed: it casts parameters but not the spectral-norm buffers
+    model = build_model(cfg.model).to(compute_dtype(cfg.train.precision))
+    torch.manual_seed(cfg.run.seed + 7919 * rank)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim), config=ds_cfg)
+    if cfg.guard.enabled:
+        check_discard_supported(engine)
+    return engine
+
+
 def main(cfg) -> stop.Outcome:
     d = distributed.init()
     torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // d.local_world_size))
@@ -165,24 +179,13 @@ def main(cfg) -> stop.Outcome:
     resume = ckpt.resume_target()
     prev = Checkpointer.read_trainer_state(resume) if resume else None
 
-    # the same seed on every rank: DeepSpeed broadcasts parameters but not buffers, and the spectral-norm
-    # vectors (u, v) must agree across ranks or each rank normalises its weights differently
-    torch.manual_seed(cfg.run.seed)
-    # cast before DeepSpeed: it casts parameters but not the spectral-norm buffers
-    model = build_model(cfg.model).to(compute_dtype(cfg.train.precision))
-    torch.manual_seed(cfg.run.seed + 7919 * d.rank)  # then each rank its own chains and noise
     ds_cfg = build_ds_config(cfg, d.world_size)
     load_dir = resume
     if prev and prev["world_size"] != d.world_size and cfg.train.zero_stage > 0:
         load_dir = to_universal(resume, d.rank)
         ds_cfg["checkpoint"] = {"load_universal": True}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim), config=ds_cfg)
-    if cfg.guard.enabled:
-        check_discard_supported(engine)
-
-    m = cfg.model
-    buffer = ReplayBuffer(cfg.buffer.capacity, (m.in_channels, m.resolution, m.resolution), m.num_classes,
-                          cfg.buffer.dtype, cfg.buffer.fresh_fraction, device=engine.device)
+    engine = build_engine(cfg, d.rank, ds_cfg)
+    buffer = build_buffer(cfg, engine.device)
     stream = build_stream(cfg.data, cfg.model, d.rank, d.world_size, cfg.run.seed)
     run_id = (prev or {}).get("tracking", {}).get("run_id")
     tracker = build_tracker(cfg.tracking, out, d.rank, run_id, cfg.run.name)
