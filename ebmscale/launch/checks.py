@@ -16,6 +16,9 @@ from omegaconf import DictConfig
 
 from ebmscale.config import ConfigError
 
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "GONE")
+
 
 def tasks_per_node(lc) -> int:
     """One task per GPU; on CPU-only nodes launcher.tasks_per_node."""
@@ -127,16 +130,31 @@ def check_run_dir(out: Path, create: bool = True) -> str:
     return f"run folder: {out}"
 
 
+def slurm_state(job_id: str) -> str:
+    """The job's state from sacct (through requeues), else squeue; GONE when neither knows it."""
+    if shutil.which("sacct"):
+        try:
+            res = subprocess.run(["sacct", "-n", "-P", "-X", "-j", str(job_id), "-o", "State"],
+                                 capture_output=True, text=True, timeout=60)
+            lines = [x.strip() for x in res.stdout.splitlines() if x.strip()]
+            if res.returncode == 0 and lines:
+                return lines[-1].split()[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        res = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
+                             timeout=60)
+        state = res.stdout.strip()
+        return state.split()[0] if state else "GONE"
+    except (OSError, subprocess.SubprocessError):
+        return "UNKNOWN"
+
+
 def job_alive(info: dict) -> Optional[str]:
     """The state of the job a run folder's launch.json names, if it is still queued or running."""
-    if info.get("executor") == "slurm" and info.get("job_id") and shutil.which("squeue"):
-        try:
-            res = subprocess.run(["squeue", "-h", "-j", str(info["job_id"]), "-o", "%T"], capture_output=True,
-                                 text=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        state = res.stdout.strip()
-        if res.returncode == 0 and state and state not in ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT"):
+    if info.get("executor") == "slurm" and info.get("job_id"):
+        state = slurm_state(str(info["job_id"])) if shutil.which("squeue") else "UNKNOWN"
+        if not state.startswith(FINAL_STATES) and state != "UNKNOWN":
             return state
     if info.get("executor") == "local" and info.get("pid"):
         try:

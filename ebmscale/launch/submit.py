@@ -5,7 +5,6 @@ import datetime
 import json
 import os
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,14 +16,12 @@ from typing import Any, Dict, List, Optional, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from ebmscale.config import ConfigError
-from ebmscale.launch.checks import tasks_per_node
+from ebmscale.launch.checks import FINAL_STATES, slurm_state, tasks_per_node
 from ebmscale.launch.job import LOG_NAME, TrainJob
 
 # variables of an outer launcher that must not leak into the job (they would override the job's own)
 SCRUB = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
          "ROLE_RANK", "TORCHELASTIC_RUN_ID")
-FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "GONE")
 SUBMITIT_DIR = "logs/submitit"  # under logs/, where tools/status.py looks
 
 
@@ -176,26 +173,6 @@ def submit_local(cfg: DictConfig, nproc: int, ngpu: int):
 
 
 # ---- waiting and reporting ----------------------------------------------------------------------
-def slurm_state(job_id: str) -> str:
-    """The job's state from sacct (through requeues), else squeue; GONE when neither knows it."""
-    if shutil.which("sacct"):
-        try:
-            res = subprocess.run(["sacct", "-n", "-P", "-X", "-j", str(job_id), "-o", "State"],
-                                 capture_output=True, text=True, timeout=60)
-            lines = [x.strip() for x in res.stdout.splitlines() if x.strip()]
-            if res.returncode == 0 and lines:
-                return lines[-1].split()[0]
-        except (OSError, subprocess.SubprocessError):
-            pass
-    try:
-        res = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
-                             timeout=60)
-        state = res.stdout.strip()
-        return state.split()[0] if state else "GONE"
-    except (OSError, subprocess.SubprocessError):
-        return "UNKNOWN"
-
-
 def _log_path(folder: Path, job_id: str, rank: int) -> Path:
     from submitit.core.utils import JobPaths
     return JobPaths(folder, job_id=job_id, task_id=rank).stdout
