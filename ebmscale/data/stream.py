@@ -36,6 +36,7 @@ from ebmscale.data.images import decode, to_mode
 from ebmscale.data.shards import count_samples, resolve
 
 log = logging.getLogger("ebmscale.data")
+FORKSERVER_PRELOAD = ("ebmscale.data.stream",)  # what loader workers import before forking
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff")
 MIN_CHECKED = 100  # samples (good + bad) a worker reads before data.max_bad_fraction is enforced
 LOG_FIRST, LOG_EVERY_S = 10, 60.0  # bad samples: log the first ten, then one line a minute
@@ -294,6 +295,6 @@ def build_stream(data_cfg, model_cfg, rank: int, world_size: int, seed: int) -> 
               pin_memory=data_cfg.pin_memory and torch.cuda.is_available())
     if data_cfg.workers:
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["__main__", "ebmscale.data.stream"])
+        ctx.set_forkserver_preload(list(FORKSERVER_PRELOAD))  # ignored if the launcher already started it
         kw.update(prefetch_factor=data_cfg.prefetch, multiprocessing_context=ctx)
     return Stream(dataset, kw, per_worker * w, data_cfg.resampled)

@@ -164,7 +164,7 @@ def train_main(argv: Optional[Sequence[str]] = None, entry=None) -> int:
         return EXIT_CONFIG
     stop.install_handlers((signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM))
     from ebmscale.launch.job import shield_helper_processes
-    shield_helper_processes()
+    shield_helper_processes(forkserver=cfg.data.workers > 0)
     if entry is None:
         from ebmscale.train.main import main as entry
     outcome = entry(cfg)

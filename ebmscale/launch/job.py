@@ -41,7 +41,7 @@ LOG_NAME = "launcher.log"
 SHIELDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
 
-def shield_helper_processes(forkserver: bool = True, preload=("ebmscale.data.stream",)) -> None:
+def shield_helper_processes(forkserver: bool = True) -> None:
     """Keep helper processes alive through the stop signals.
 
     SLURM sends `--signal` (and `scancel --signal`, and the SIGTERM of a requeue) to EVERY process of
@@ -59,7 +59,8 @@ def shield_helper_processes(forkserver: bool = True, preload=("ebmscale.data.str
         if forkserver:
             import multiprocessing as mp
             from multiprocessing import forkserver as fs
-            mp.get_context("forkserver").set_forkserver_preload(list(preload))
+            from ebmscale.data.stream import FORKSERVER_PRELOAD
+            mp.get_context("forkserver").set_forkserver_preload(list(FORKSERVER_PRELOAD))
             fs.ensure_running()
     except Exception as e:  # pragma: no cover - never fatal
         print(f"[ebmscale.launch] could not pre-start helper processes: {e}", flush=True)
