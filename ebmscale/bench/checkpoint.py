@@ -9,7 +9,6 @@ Measures, for one rank's shard, through the trainer's own code (`ReplayBuffer`, 
 """
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -18,7 +17,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ebmscale.bench import positive
+from ebmscale.bench import positive, write_json
 from ebmscale.buffer import ReplayBuffer
 from ebmscale.train.checkpoint import Checkpointer
 
@@ -29,7 +28,7 @@ def add_args(p) -> None:
     p.add_argument("--dtype", default="uint8", choices=["uint8", "fp16"])
     p.add_argument("--dir", default=None, help="where to write (default: a temp folder)")
     p.add_argument("--repeat", type=positive, default=3)
-    p.add_argument("--out", default="runs/bench/checkpoint.json")
+    p.add_argument("--json", default="runs/bench/checkpoint.json")
 
 
 def _rss_mb() -> float:
@@ -83,7 +82,5 @@ def run(a) -> dict:
           f"the next step; loading needs {best['load_extra_rss_mb']:.0f} MB beyond the buffer itself")
     if not a.dir:
         shutil.rmtree(root, ignore_errors=True)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_json(a.json, result)
     return result

@@ -9,7 +9,6 @@ A rank's loader keeps up while  per-worker rate x data.workers  >  batch_size / 
 """
 from __future__ import annotations
 
-import json
 import platform
 import tempfile
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from ebmscale.bench import positive
+from ebmscale.bench import positive, write_json
 from ebmscale.config import DataConfig, ModelConfig
 from ebmscale.data.sources import Source
 from ebmscale.data.stream import build_stream
@@ -100,7 +99,5 @@ def run(args) -> dict:
     for r in rows:
         print(f"{r['workers']:>12} {r['images_per_s']:>9.0f} {r['per_worker']:>13.0f} "
               f"{r['margin_at_loader_workers']:>19.1f}x {r['keeps_up_above_step_s'] * 1000:>16.1f} ms")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.json}")
+    write_json(args.json, result)
     return result
