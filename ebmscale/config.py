@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 ARCHS = ("resnet32", "resnet32large", "resnet32wider", "resnet128")
 ACTIVATIONS = ("leaky_relu", "swish")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: resolved per run by ebmscale/precision.py
 BUFFER_DTYPES = ("uint8", "fp16")
 
 
@@ -94,11 +94,15 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 100000
     alpha: float = 1.0
-    precision: str = "bf16"
+    # auto: bf16 where the hardware computes it natively (GPU compute capability >= 8.0, CPU with avx512_bf16/AMX),
+    # fp16 on older GPUs, fp32 on other CPUs; resolved once per run (ebmscale/precision.py)
+    precision: str = "auto"
     zero_stage: int = 2
     log_every: int = 10
     sample_every: int = 500  # sample grid PNG (and MLflow image)
-    threads: int = 0  # torch intra-op threads per rank on CPU; 0 = cores / local ranks
+    grad_reduce_fp32: bool = True  # bf16: all-reduce / reduce-scatter gradients in fp32 (DeepSpeed communication_data_type)
+    collective_timeout_s: float = 600.0  # a collective waits this long for a peer, then the job fails (not hangs)
+    threads: int = 0  # torch intra-op threads per rank on CPU; 0 = this rank's share of the usable cores, less its loader workers
 
 
 @dataclass
@@ -303,6 +307,8 @@ def validate(cfg: DictConfig) -> None:
     for k in ("log_every", "sample_every"):
         _check(t[k] > 0, f"train.{k}", f"must be > 0, got {t[k]}")
     _check(t.threads >= 0, "train.threads", f"must be >= 0, got {t.threads}")
+    _check(t.collective_timeout_s >= 30, "train.collective_timeout_s",
+           f"must be >= 30 seconds (a slow peer is not a dead one), got {t.collective_timeout_s}")
     _check(c.every > 0, "checkpoint.every", f"must be > 0, got {c.every}")
     _check(c.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1 (the latest is always kept), got {c.keep_last}")
     _check(c.keep_every >= 0, "checkpoint.keep_every", f"must be >= 0, got {c.keep_every}")

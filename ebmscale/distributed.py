@@ -9,13 +9,14 @@ match wins:
    mistake the allocation's SLURM_* variables for its own.
 3. a SLURM job step (srun, or submitit on SLURM): SLURM_PROCID, SLURM_STEP_NUM_TASKS (SLURM_NTASKS),
    SLURM_LOCALID, tasks on this node from SLURM_STEP_TASKS_PER_NODE; master = first host of the step's
-   node list (`scontrol show hostnames`), port 20000 + job id % 20000 (MASTER_ADDR / MASTER_PORT in the
+   node list (`scontrol show hostnames`), port 20000 + job id % 12000 (MASTER_ADDR / MASTER_PORT in the
    environment win, e.g. set by slurm/sbatch_example.sh).
 4. a single process: rank 0 of 1 on 127.0.0.1 and a free port.
 
 `init()` exports RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, selects the
-local GPU (torch.cuda.set_device; CUDA_VISIBLE_DEVICES is never touched) and calls
-`deepspeed.init_distributed` with nccl on CUDA, gloo otherwise (EBMSCALE_DIST_BACKEND overrides).
+local GPU (`gpu_index`: all GPUs visible or one bound per task; CUDA_VISIBLE_DEVICES is never touched) and calls
+`deepspeed.init_distributed` with nccl on CUDA, gloo otherwise (EBMSCALE_DIST_BACKEND overrides), and an explicit
+collective timeout.
 It is idempotent: a second call returns the first result.
 """
 from __future__ import annotations
@@ -63,9 +64,10 @@ def default_backend() -> str:
 
 
 def slurm_port(job_id: str) -> int:
-    """A rendezvous port every task of a SLURM job derives alike without talking to the others."""
+    """A rendezvous port every task of a SLURM job derives alike without talking to the others: 20000-31999, below
+    Linux's ephemeral range (32768-60999), where an outgoing connection could already hold it."""
     digits = re.sub(r"\D", "", job_id.split("_")[0]) or "0"
-    return 20000 + int(digits) % 20000
+    return 20000 + int(digits) % 12000
 
 
 def expand_tasks_per_node(spec: str) -> List[int]:
@@ -161,10 +163,25 @@ def _detect(environ: Optional[Mapping[str, str]], backend: Optional[str]) -> Tup
     return Dist(0, 1, 0, 1, env.get("MASTER_ADDR", "127.0.0.1"), port, backend), "single"
 
 
-def export(d: Dist, environ: Optional[MutableMapping[str, str]] = None) -> None:
-    """Write the torch env:// variables (never CUDA_VISIBLE_DEVICES)."""
+def gpu_index(local_rank: int, local_world_size: int, visible: int) -> int:
+    """Which of the GPUs this process sees it drives. All of a node's GPUs visible to every task (torchrun,
+    --gpus-per-node): its local rank. One GPU per task (--gpus-per-task=1, --gpu-bind, a site's default): 0.
+    Anything else cannot be mapped without guessing, so it is an error that says how to fix the binding."""
+    if visible >= local_world_size:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise RuntimeError(f"{local_world_size} tasks on this node but this task sees {visible} GPU(s) "
+                       f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): give one GPU per "
+                       f"task (launcher.gpus_per_node = tasks per node, or --gpus-per-task=1)")
+
+
+def export(d: Dist, environ: Optional[MutableMapping[str, str]] = None, gpu: Optional[int] = None) -> None:
+    """Write the torch env:// variables (never CUDA_VISIBLE_DEVICES). On a GPU, LOCAL_RANK is the index of this
+    process's GPU among those it sees (`gpu_index`): DeepSpeed takes its device from LOCAL_RANK (the engine and
+    init_process_group's device_id), so with one GPU bound per task it must read 0, not the task's local rank."""
     env = os.environ if environ is None else environ
-    env.update(RANK=str(d.rank), WORLD_SIZE=str(d.world_size), LOCAL_RANK=str(d.local_rank),
+    env.update(RANK=str(d.rank), WORLD_SIZE=str(d.world_size), LOCAL_RANK=str(d.local_rank if gpu is None else gpu),
                LOCAL_WORLD_SIZE=str(d.local_world_size), MASTER_ADDR=d.master_addr, MASTER_PORT=str(d.master_port))
 
 
@@ -175,25 +192,41 @@ def setup_env() -> Dist:
     return d
 
 
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def collective_timeout_s(configured: Optional[float] = None, environ: Optional[Mapping[str, str]] = None) -> float:
+    """How long a collective may wait for a peer before the job fails: $EBMSCALE_DIST_TIMEOUT_S, else the config's
+    train.collective_timeout_s, else 10 minutes. Always explicit: never a library's default by accident."""
+    env = os.environ if environ is None else environ
+    if env.get("EBMSCALE_DIST_TIMEOUT_S"):
+        return float(env["EBMSCALE_DIST_TIMEOUT_S"])
+    return float(configured) if configured else DEFAULT_TIMEOUT_S
+
+
+def collective_device(backend: str):
+    """Where tensors for a collective must live: the current GPU for NCCL, the CPU for gloo."""
+    import torch
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
 def init(timeout_s: Optional[float] = None) -> Dist:
-    """Set up torch.distributed through DeepSpeed; idempotent. Returns the `Dist` in force."""
+    """Set up torch.distributed through DeepSpeed with an explicit collective timeout (`collective_timeout_s`);
+    idempotent. Returns the `Dist` in force."""
     global _current
     import torch
     import torch.distributed as tdist
     if _current is not None and tdist.is_initialized():
         return _current
     d = detect()
-    export(d)
+    gpu = None
     if d.backend == "nccl" and torch.cuda.is_available():
-        torch.cuda.set_device(d.local_rank % torch.cuda.device_count())
+        gpu = gpu_index(d.local_rank, d.local_world_size, torch.cuda.device_count())
+        torch.cuda.set_device(gpu)
+    export(d, gpu=gpu)
     import deepspeed
-    kwargs = {}
-    if timeout_s is None and os.environ.get("EBMSCALE_DIST_TIMEOUT_S"):
-        timeout_s = float(os.environ["EBMSCALE_DIST_TIMEOUT_S"])
-    if timeout_s:
-        kwargs["timeout"] = timedelta(seconds=timeout_s)
-    deepspeed.init_distributed(dist_backend=d.backend, auto_mpi_discovery=False,
-                               verbose=d.rank == 0, **kwargs)
+    deepspeed.init_distributed(dist_backend=d.backend, auto_mpi_discovery=False, verbose=d.rank == 0,
+                               timeout=timedelta(seconds=collective_timeout_s(timeout_s)))
     atexit.unregister(shutdown)
     atexit.register(shutdown)
     _current = d
@@ -214,6 +247,34 @@ def shutdown() -> None:
     _current = None
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (SLURM's binding, taskset), capped by a cgroup CPU quota."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def cpu_threads(local_world_size: int, loader_workers: int, environ: Optional[Mapping[str, str]] = None,
+                cpus: Optional[int] = None) -> int:
+    """Intra-op threads for one rank: its share of the usable CPUs less its loader workers, at least 1.
+    Under SLURM with --cpus-per-task each task's mask is already its own share; otherwise (torchrun, the local
+    executor) the ranks of a node share one mask. Oversubscribing a core costs more than an idle one."""
+    env = os.environ if environ is None else environ
+    cpus = usable_cpus() if cpus is None else cpus
+    per_task = env.get("SLURM_CPUS_PER_TASK")
+    share = min(cpus, int(per_task)) if per_task and per_task.isdigit() and "SLURM_STEP_ID" in env \
+        else cpus // max(1, local_world_size)
+    return max(1, share - loader_workers)
+
+
 def current() -> Optional[Dist]:
     return _current
 
@@ -222,4 +283,5 @@ def is_main() -> bool:
     return (_current.rank if _current else int(os.environ.get("RANK", "0"))) == 0
 
 
-__all__ = ["Dist", "detect", "source", "export", "setup_env", "init", "shutdown", "current", "is_main", "free_port"]
+__all__ = ["Dist", "detect", "source", "export", "setup_env", "init", "shutdown", "current", "is_main", "free_port",
+           "usable_cpus", "cpu_threads"]

@@ -29,6 +29,7 @@ def run_status(run: str | Path, log_lines: int = 10) -> dict:
     from ebmscale.config import from_yaml_file
     total = int(from_yaml_file(run / "config.yaml").train.steps)
     uri = tracking.get("tracking_uri")
+    resolved = json.loads((run / "precision.json").read_text()) if (run / "precision.json").exists() else {}
     return {
         "run_dir": str(run.resolve()),
         "step": int(state.get("step", 0)),
@@ -36,6 +37,8 @@ def run_status(run: str | Path, log_lines: int = 10) -> dict:
         "checkpoints": [{"path": str(p), "step": int(p.name.split("_")[1])} for p in ckpts],
         "partial_checkpoints": partial,
         "world_size": state.get("world_size"),
+        "precision": resolved.get("precision") or state.get("precision"),
+        "precision_reason": resolved.get("reason"),
         "mlflow_run_id": tracking.get("run_id") or (state.get("tracking") or {}).get("run_id"),
         "tracking_uri": uri,
         "mlflow_ui": f"mlflow ui --backend-store-uri {uri}" if uri and not uri.startswith("http") else uri,
@@ -50,6 +53,7 @@ def format_status(s: dict) -> str:
              f"step       {s['step']} / {s['total_steps']} (latest committed checkpoint)"
              + (f"   final: {s['final_state']}" if s["final_state"] else ""),
              f"world size {s['world_size']}",
+             f"precision  {s['precision']}" + (f" ({s['precision_reason']})" if s["precision_reason"] else ""),
              f"checkpoints {', '.join(str(c['step']) for c in s['checkpoints']) or 'none'}"
              + (f"   (partial, ignored: {', '.join(s['partial_checkpoints'])})" if s["partial_checkpoints"] else ""),
              f"MLflow     run {s['mlflow_run_id']} at {s['tracking_uri']}",

@@ -20,7 +20,7 @@ MAX_REQUEUES=${MAX_REQUEUES:-50}
 
 # rendezvous: every task derives the same address and port (ebmscale.distributed reads them)
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+export MASTER_PORT=$((20000 + SLURM_JOB_ID % 12000))   # below the ephemeral range (32768+)
 echo "$(date -Is) job $SLURM_JOB_ID attempt $((${SLURM_RESTART_COUNT:-0} + 1)) on $SLURM_JOB_NODELIST, master $MASTER_ADDR:$MASTER_PORT"
 
 # exit codes of ebmscale.train.main: 0 completed, 3 stopped with a committed checkpoint, 2 config error

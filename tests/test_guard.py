@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from conftest import ROOT, train
 from ebmscale.config import CONFIG_DIR, ConfigError, GuardConfig, load_config
 from ebmscale.train.checkpoint import Checkpointer, healthy, healthy_checkpoints, list_checkpoints
-from ebmscale.train.guard import E_NEG, E_POS, GRAD_SQ, NONFINITE, COLLAPSED, Guard
+from ebmscale.train.guard import COLLAPSED, E_NEG, E_POS, GRAD_SQ, NONFINITE, OVERFLOW, Guard
 
 
 def guard(**kw) -> Guard:
@@ -25,10 +25,11 @@ def guard(**kw) -> Guard:
                  world_size=2, device=torch.device("cpu"))
 
 
-def reduced(e=0.1, grad=1.0, nonfinite=0, collapsed=0) -> list:
+def reduced(e=0.1, grad=1.0, nonfinite=0, collapsed=0, overflow=0) -> list:
     """What the all-reduce hands every rank (sums over 2 ranks)."""
-    s = [0.0] * 8
+    s = [0.0] * 9
     s[E_POS], s[E_NEG], s[GRAD_SQ], s[NONFINITE], s[COLLAPSED] = 2 * e, 2 * e, grad ** 2, nonfinite, collapsed
+    s[OVERFLOW] = overflow
     return s
 
 
@@ -57,6 +58,19 @@ def test_grad_spike_against_the_running_median_and_skips_escalate():
     assert g.judge(13, reduced(grad=50.0)).action == "skip"
     v = g.judge(14, reduced(nonfinite=1))
     assert v.action == "rollback" and "2 skipped steps in a row" in v.detail
+
+
+def test_fp16_overflow_steps_stay_out_of_the_grad_norm_window():
+    """On an fp16 overflow DeepSpeed skips the step itself; the guard saw a norm of 0 (nan_to_num) that must not
+    drag the running median down (the next normal step would look like a spike)."""
+    g = guard()
+    for t in range(1, 11):
+        g.judge(t, reduced(grad=1.0))
+    window = list(g.grad_norms)
+    v = g.judge(11, reduced(grad=0.0, overflow=1))
+    assert v.action == "ok" and g.grad_norms == window and v.metrics["guard/fp16_overflow"] == 1.0
+    assert v.metrics["guard/grad_norm"] != v.metrics["guard/grad_norm"]  # NaN: no norm on an overflow step
+    assert g.judge(12, reduced(grad=1.0)).action == "ok"
 
 
 def test_healthy_needs_a_clean_window_and_a_clean_next_step():

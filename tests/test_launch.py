@@ -211,7 +211,7 @@ def test_detect_slurm_step(monkeypatch):
            "SLURM_STEP_NODELIST": "gpu[003-004,007],gpu010", "SLURM_JOB_NODELIST": "gpu[003-004,007],gpu010"}
     d = distributed.detect(env, backend="gloo")
     assert (d.rank, d.world_size, d.local_rank, d.local_world_size) == (3, 8, 1, 2)
-    assert (d.master_addr, d.master_port, d.backend) == ("gpu003", 20000 + 12345 % 20000, "gloo")
+    assert (d.master_addr, d.master_port, d.backend) == ("gpu003", 20000 + 12345 % 12000, "gloo")
     assert distributed.source(env) == "slurm" and len(d) == 7
     d = distributed.detect({**env, "MASTER_ADDR": "head", "MASTER_PORT": "29999"}, backend="gloo")
     assert (d.master_addr, d.master_port) == ("head", 29999)  # sbatch_example.sh's exports win

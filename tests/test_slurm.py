@@ -239,3 +239,25 @@ def test_sbatch_example_without_submitit(tmp_path, shards):
     t = text(log)
     assert "attempt 2" in t and "requeueing" in t and "resumed step" in t, t[-3000:]
     assert (run / "checkpoints" / "step_000000060" / "COMMITTED").exists()
+
+
+@pytest.mark.parametrize("user_set", [False, True])
+def test_the_job_decides_its_accelerator_where_it_runs(tmp_path, shards, user_set):
+    """The launcher imports ebmscale on the login node, which sets DS_ACCELERATOR=cpu there when it has no GPU;
+    sbatch exports the submitting environment, so without the scrub a GPU node would obey it. The job's own
+    environment (dumped by the batch script before anything of ours runs) has it only when the user set it."""
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "EBMSCALE_SET_DS_ACCELERATOR")}
+    if user_set:
+        env["DS_ACCELERATOR"] = "cpu"
+    dump = tmp_path / "job_env.txt"
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "launch.py"), *PROFILE, "--nodes", "1", "--wait",
+                          "--quiet", DIGITS, f"run.dir={run}", f"run.name={unique('acc')}", shards, "train.steps=3",
+                          "launcher.entry=ebmscale.launch.selftest:main", f"launcher.setup=['env > {dump}']"],
+                         cwd=ROOT, env={**env, "EBMSCALE_SELFTEST_STEP_S": "0.05"}, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    job_env = dict(line.split("=", 1) for line in dump.read_text().splitlines() if "=" in line)
+    assert "SLURM_JOB_ID" in job_env  # really the job's environment
+    assert "EBMSCALE_SET_DS_ACCELERATOR" not in job_env
+    assert job_env.get("DS_ACCELERATOR") == ("cpu" if user_set else None)

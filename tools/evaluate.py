@@ -90,9 +90,9 @@ def cmd_accuracy(a) -> dict:
 
 
 def load_models(a):
-    from ebmscale.eval.loading import cast_for_sampling, load_ensemble
+    from ebmscale.eval.loading import cast_for_sampling, load_ensemble, sampling_precision
     models, cfg, ckpt, step = load_ensemble(a.run, a.ensemble, device_of(a))
-    cast_for_sampling(models, cfg.train.precision if a.precision == "train" else a.precision)
+    cast_for_sampling(models, sampling_precision(a.precision, cfg.train.precision, device_of(a)))
     return models, cfg, Path(ckpt).parent.parent, step
 
 
@@ -171,8 +171,9 @@ def main(argv=None) -> int:
         c.add_argument("run", help="run folder (latest committed checkpoint) or a checkpoint folder")
         c.add_argument("--shards", help="in-distribution images (default: the run's data.shards)")
         c.add_argument("--ensemble", type=int, default=1, help="sum the energies of the last K checkpoints")
-        c.add_argument("--precision", choices=["train", "fp32", "bf16", "fp16"], default="train",
-                       help="model compute (Langevin chains stay fp32); train = the run's train.precision")
+        c.add_argument("--precision", choices=["auto", "train", "fp32", "bf16", "fp16"], default="auto",
+                       help="model compute (Langevin chains stay fp32); auto = bf16 where this hardware has it "
+                            "natively, else fp32 (fp16 on older GPUs); train = the run's train.precision")
     c = sub.choices["ood"]
     c.add_argument("--n", type=int, default=1000, help="images per source")
     c.add_argument("--synthetic", nargs="*", default=["uniform", "constant", "interpolation"],

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ebmscale.eval.loading import cast_for_sampling, load_buffer, load_energy_model, load_ensemble
+from ebmscale.eval.loading import (cast_for_sampling, load_buffer, load_energy_model, load_ensemble,
+                                   sampling_precision)
 from ebmscale.eval.sample import sample_rounds
 from ebmscale.tracking.pictures import image_grid
 
@@ -90,8 +91,9 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=256, help="chains per Langevin call")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda = the local rank's GPU (LOCAL_RANK or SLURM_LOCALID, modulo the visible GPUs)")
-    p.add_argument("--precision", choices=["train", "fp32", "bf16", "fp16"], default="train",
-                   help="model compute during sampling (chains stay fp32); train = the run's train.precision")
+    p.add_argument("--precision", choices=["auto", "train", "fp32", "bf16", "fp16"], default="auto",
+                   help="model compute during sampling (chains stay fp32); auto = bf16 where this hardware has it "
+                        "natively, else fp32 (fp16 on older GPUs); train = the run's train.precision")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--uint8", action="store_true", help="store images as uint8 0..255 (what IS/FID see; 4x smaller)")
     p.add_argument("--merge-timeout", type=float, default=7200, help="seconds rank 0 waits for the other parts")
@@ -110,7 +112,7 @@ def main() -> int:
             raise SystemExit(f"--models {path}: makes {ocfg.model.in_channels}x{ocfg.model.resolution}px images, "
                              f"{a.run} makes {shape[0]}x{shape[1]}px")
         models.append(other)
-    precision = cfg.train.precision if a.precision == "train" else a.precision
+    precision = sampling_precision(a.precision, cfg.train.precision, device)
     cast_for_sampling(models, precision)
     buffer = load_buffer(ckpt) if a.init == "buffer" else None
     if a.init == "buffer" and buffer is None:

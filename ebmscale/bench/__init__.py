@@ -16,8 +16,13 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-# nominal dense bf16 peaks (FLOP/s) for MFU on a GPU; CPUs are judged against the GEMM peak measured in the run
-BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
+# nominal dense bf16 peaks (FLOP/s) for MFU on a GPU, by the words of torch.cuda.get_device_name (most specific
+# first); CPUs are judged against the GEMM peak measured in the run
+BF16_PEAK = (
+    (("H200",), 989e12), (("H100", "PCIe"), 756e12), (("H100", "NVL"), 835e12), (("H100",), 989e12),
+    (("A100",), 312e12), (("L40S",), 362e12), (("L40",), 181e12), (("A10G",), 70e12), (("A10",), 125e12),
+    (("L4",), 121e12),
+)
 
 
 def positive(text: str) -> int:
@@ -46,11 +51,18 @@ def set_threads(n: int) -> int:
     return torch.get_num_threads()
 
 
-def nominal_peak(dev: torch.device) -> Optional[float]:
+def nominal_peak(dev: torch.device, name: Optional[str] = None) -> Optional[float]:
+    """The bf16 peak of the GPU whose name has all the words of an entry (whole words: "A10" is not "A10G")."""
     if dev.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(dev)
-    return next((v for k, v in BF16_PEAK.items() if k in name), None)
+    words = set((name or torch.cuda.get_device_name(dev)).replace("-", " ").split())
+    return next((v for keys, v in BF16_PEAK if set(keys) <= words), None)
+
+
+def hardware_line(dev: torch.device) -> str:
+    """What a figure was measured on: the device, the CPU's ISA and whether bf16 is native (ebmscale/precision.py)."""
+    from ebmscale.precision import detect_hardware
+    return f"measured on {detect_hardware(dev.type).describe()}, {torch.get_num_threads()} thread(s)"
 
 
 def interleaved(fns: Dict[str, Callable[[], object]], reps: int, dev: torch.device) -> Dict[str, List[float]]:
@@ -117,12 +129,14 @@ def build_trainer(config: str, overrides: List[str], run_dir: str | Path):
     from ebmscale import distributed
     from ebmscale.buffer import build_buffer
     from ebmscale.config import load_config
+    from ebmscale.precision import resolve_everywhere
     from ebmscale.train.ds_config import build_ds_config
     from ebmscale.train.main import build_engine
     from ebmscale.train.trainer import Trainer
 
     d = distributed.init()
     cfg = load_config(config, ["tracking.enabled=false", *overrides])
+    cfg.train.precision = resolve_everywhere(cfg.train.precision, device().type).precision
     engine = build_engine(cfg, d.rank, build_ds_config(cfg, d.world_size))
     return Trainer(cfg, engine, build_buffer(cfg, engine.device), None, None, None, d.rank, d.world_size,
                    Path(run_dir))

@@ -2,7 +2,8 @@
 
 Rows: the plain loop (bench/__init__.py: fp32, parameters frozen, .backward(), clamp) in fp32 and under bf16
 autocast, then ebmscale's sampler (frozen + model_energy + langevin, as Trainer.sample_negatives runs it) in fp32,
-bf16, bf16 + channels_last (the default) and, with --compile, bf16 + channels_last + torch.compile. Columns:
+fp32 + channels_last, bf16, bf16 + channels_last, the config's default (train.precision resolved on this hardware:
+bf16 where native, else fp32; sampler.channels_last) and, with --compile, bf16 + channels_last + torch.compile. Columns:
 image x Langevin-steps/s, achieved FLOP/s (FlopCounterMode on one energy + input-gradient step), its share of the
 fp32 and bf16 GEMM peaks measured in the same rounds, the speed-up over plain fp32, and the largest difference of
 the samples from plain fp32's (same seed, same noise). On a GPU also the MFU against the device's bf16 peak.
@@ -13,16 +14,16 @@ the samples from plain fp32's (same seed, same noise). On a GPU also the MFU aga
 from __future__ import annotations
 
 import copy
-import platform
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ebmscale.bench import (device, gemm, interleaved, nominal_peak, plain_frozen, plain_langevin, set_threads,
-                            positive, write_json)
+from ebmscale.bench import (device, gemm, hardware_line, interleaved, nominal_peak, plain_frozen, plain_langevin,
+                            set_threads, positive, write_json)
 from ebmscale.config import load_config
 from ebmscale.models import build_model
+from ebmscale.precision import compute_dtype, resolve_here
 from ebmscale.sampling import frozen, langevin, model_energy
 
 
@@ -63,8 +64,12 @@ def run(args) -> dict:
         return f
 
     bf16 = torch.bfloat16
+    auto = resolve_here(cfg.train.precision, dev.type).precision
+    model_auto = model16 if auto == "bf16" else model32 if auto == "fp32" else copy.deepcopy(model32).to(torch.float16)
     rows = {"plain fp32": plain(), "plain bf16 autocast": plain(bf16), "ebmscale fp32": ours(model32, torch.float32),
-            "ebmscale bf16": ours(model16, bf16), "ebmscale bf16 channels_last": ours(model16, bf16, True)}
+            "ebmscale fp32 channels_last": ours(model32, torch.float32, True),
+            "ebmscale bf16": ours(model16, bf16), "ebmscale bf16 channels_last": ours(model16, bf16, True),
+            f"ebmscale default ({cfg.train.precision}={auto})": ours(model_auto, compute_dtype(auto), s.channels_last)}
     if args.compile:
         rows["ebmscale bf16 channels_last compile"] = ours(model16, bf16, True, True)
 
@@ -101,7 +106,7 @@ def run(args) -> dict:
                       "mfu": flops / nominal if nominal else None, "speedup": base / best[k],
                       "max_abs_diff_vs_plain_fp32": diff[k], "first_call_s": first[k],
                       "median_s": sorted(times[k])[len(times[k]) // 2], "best_s": best[k]})
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    name = hardware_line(dev)
     result = {"config": args.config, "override": args.override, "arch": m.arch, "filters": m.filters, "resolution": m.resolution,
               "batch": args.batch, "langevin_steps_per_call": args.steps, "reps": args.reps, "device": name,
               "threads": threads, "gflop_per_image_step": flops_step / args.batch / 1e9,
@@ -109,7 +114,7 @@ def run(args) -> dict:
               "nominal_bf16_flop_per_s": nominal, "rows": table, "times": times}
 
     print(f"{m.arch} (filters {m.filters}, {m.resolution}px) batch {args.batch}, {args.steps} Langevin steps per call, "
-          f"best of {args.reps} interleaved rounds; {dev.type} {name}" + (f", {threads} thread(s)" if threads else ""))
+          f"best of {args.reps} interleaved rounds; {name}")
     print(f"one step (energy + dE/dx) = {flops_step / args.batch / 1e9:.2f} GFLOP per image; GEMM {n}^3 peak in this "
           f"run: fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s"
           + (f"; nominal bf16 {nominal / 1e12:.0f} TFLOP/s" if nominal else ""))

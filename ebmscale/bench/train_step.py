@@ -2,7 +2,7 @@
 the plain PyTorch loop, per architecture; every row once per round, rounds interleaved.
 
 ebmscale  Trainer.train_step + Trainer.update over a DeepSpeed engine built in this process (world size 1, ZeRO-2,
-          the config's precision: bf16), as ebmscale/train/main.py builds it (bench/__init__.py: build_trainer)
+          the config's precision resolved on this hardware: bf16 where native, else fp32), as ebmscale/train/main.py builds it (bench/__init__.py: build_trainer)
 plain     the seed's script: fp32 model, plain_langevin (bench/__init__.py), the same replay buffer, CD loss,
           torch Adam; and the same under bf16 autocast
 Data is a batch drawn from an in-memory pool (what the loader costs: tools/bench.py data). The split: sampling
@@ -15,16 +15,16 @@ the optimizer step), data, other (the rest of the step).
 from __future__ import annotations
 
 import copy
-import platform
 import tempfile
 import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ebmscale.bench import (build_trainer, device, plain_frozen, plain_langevin, set_threads, sync, trainer_step,
-                            positive, write_json)
+from ebmscale.bench import (build_trainer, device, hardware_line, plain_frozen, plain_langevin, set_threads, sync,
+                            trainer_step, positive, write_json)
 from ebmscale.buffer import build_buffer
+from ebmscale.config import load_config
 from ebmscale.models import build_model
 from ebmscale.train.loss import cd_loss
 
@@ -157,7 +157,8 @@ def run(args) -> dict:
         rows = {"plain fp32": PlainStep(cfg, dev)}
         if not args.no_autocast:
             rows["plain bf16 autocast"] = PlainStep(cfg, dev, torch.bfloat16)
-        rows[f"ebmscale {cfg.train.precision}"] = ebm
+        requested = load_config(config, ["tracking.enabled=false", *overrides]).train.precision
+        rows[f"ebmscale {requested}={cfg.train.precision}"] = ebm
         with ConvInputs() as convs:  # what the sampler really runs: dtype and layout of its convolutions
             trainer.sample_negatives(b)
         param_dtype = str(next(trainer.engine.module.parameters()).dtype)
@@ -184,7 +185,8 @@ def run(args) -> dict:
             print(f"{r['row']:22} {r['total']:7.2f} {r['speedup']:7.2f}x {r['speedup_best']:6.2f}x"
                   + "".join(f" {r[p]:9.3f}" for p in PARTS))
         del trainer
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    name = hardware_line(dev)
+    print(name)
     result = {"device": name, "threads": threads, "reps": args.reps, "statistic": "median over rounds",
               "archs": results}
     write_json(args.json, result)

@@ -64,10 +64,17 @@ def load_ensemble(path: str | Path, k: int = 1, device: str | torch.device = "cp
     return [model] + [load_energy_model(p, device)[0] for p in older], cfg, ckpt, step
 
 
+def sampling_precision(requested: str, run_precision: str, device: str) -> str:
+    """--precision: auto = what this hardware runs natively (ebmscale/precision.py), train = the run's own."""
+    from ebmscale.precision import resolve_here
+    chosen = run_precision if requested == "train" else requested
+    return resolve_here(chosen, torch.device(device).type).precision if chosen == "auto" else chosen
+
+
 def cast_for_sampling(models: list, precision: str) -> torch.dtype:
     """Cast models in place for sampling and scoring: fp32, or bf16 / fp16 compute (chains stay fp32, as in
     training; `eval.sample.composed_energy` casts each model's input)."""
-    from ebmscale.train.ds_config import compute_dtype
+    from ebmscale.precision import compute_dtype
     dtype = compute_dtype(precision)
     for m in models:
         m.to(dtype)

@@ -28,7 +28,8 @@ def main(cfg) -> stop.Outcome:
     import torch
     import torch.distributed as dist
 
-    d = distributed.init()
+    d = distributed.init(timeout_s=cfg.train.collective_timeout_s)
+    dev = distributed.collective_device(d.backend)  # NCCL all-reduces GPU tensors only
     out = Path(cfg.run.dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "selftest.json"
@@ -45,14 +46,14 @@ def main(cfg) -> stop.Outcome:
         dist.barrier()
 
     while step < cfg.train.steps:
-        flag = torch.tensor([1.0 if stop.stop_requested() else 0.0])
+        flag = torch.tensor([1.0 if stop.stop_requested() else 0.0], device=dev)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0:
             save(step, "preempted")
             if d.rank == 0:
                 print(f"[selftest] stop requested ({stop.stop_reason() or 'by a peer'}) at step {step}", flush=True)
             return stop.Outcome.PREEMPTED
-        x = torch.ones(1)
+        x = torch.ones(1, device=dev)
         dist.all_reduce(x)
         assert int(x.item()) == d.world_size, f"all-reduce gave {x.item()}, world size {d.world_size}"
         step += 1

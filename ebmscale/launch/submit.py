@@ -1,6 +1,7 @@
 """Submit a TrainJob through submitit: SLURM (sbatch + srun) or this machine (LocalExecutor)."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -29,9 +30,20 @@ def submitit_folder(out: Path) -> Path:
     return out / SUBMITIT_DIR
 
 
-def scrub_env() -> None:
+@contextlib.contextmanager
+def scrubbed_env():
+    """While submitting: no outer launcher's variables, and nothing ebmscale itself set on this machine
+    (DS_ACCELERATOR=cpu on a login node without GPUs): the job decides those where it runs. Our own setting comes
+    back afterwards (this process may still import DeepSpeed); the outer launcher's do not."""
     for k in SCRUB:
         os.environ.pop(k, None)
+    ours = os.environ.get("EBMSCALE_SET_DS_ACCELERATOR")
+    mine = {k: os.environ.pop(k) for k in ("EBMSCALE_SET_DS_ACCELERATOR", "DS_ACCELERATOR")
+            if ours and os.environ.get("DS_ACCELERATOR") == ours and k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(mine)
 
 
 def setup_lines(cfg: DictConfig) -> List[str]:
@@ -130,10 +142,10 @@ def submit_slurm(cfg: DictConfig):
     out = Path(cfg.run.dir)
     folder = submitit_folder(out)
     folder.mkdir(parents=True, exist_ok=True)
-    scrub_env()
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=max(cfg.launcher.max_requeues, 1))
     ex.update_parameters(**slurm_parameters(cfg))
-    job = ex.submit(TrainJob(cfg))
+    with scrubbed_env():
+        job = ex.submit(TrainJob(cfg))
     write_launch_info(out, {"executor": "slurm", "job_id": job.job_id, "submitit_folder": str(folder),
                             "ntasks": cfg.launcher.nodes * tasks_per_node(cfg.launcher),
                             "log": str(folder / f"{job.job_id}_0_log.out")})
@@ -146,10 +158,6 @@ def submit_local(cfg: DictConfig, nproc: int, ngpu: int):
     out = Path(cfg.run.dir)
     folder = submitit_folder(out)
     folder.mkdir(parents=True, exist_ok=True)
-    scrub_env()
-    # one rendezvous port for this launch (the controller passes our environment to the tasks)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(free_port())
     ex = submitit.LocalExecutor(folder=folder, max_num_timeout=max(cfg.launcher.max_requeues, 1))
     # no `setup` lines here: they would put a shell between us and submitit's controller, and
     # launcher.setup is for cluster nodes; the venv's bin goes first on PATH through our environment
@@ -163,7 +171,10 @@ def submit_local(cfg: DictConfig, nproc: int, ngpu: int):
         params["visible_gpus"] = _visible_gpus()
     ex.update_parameters(**params)
     try:
-        job = ex.submit(TrainJob(cfg))
+        with scrubbed_env():
+            os.environ["MASTER_ADDR"] = "127.0.0.1"  # one rendezvous for this launch: the tasks get our environment
+            os.environ["MASTER_PORT"] = str(free_port())
+            job = ex.submit(TrainJob(cfg))
     finally:
         for k in ("MASTER_ADDR", "MASTER_PORT"):
             os.environ.pop(k, None)

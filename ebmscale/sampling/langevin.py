@@ -22,7 +22,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-EnergyFn = Callable[[torch.Tensor], torch.Tensor]  # x [N,C,H,W] fp32 -> energies [N]
+EnergyFn = Callable[[torch.Tensor], torch.Tensor]  # x [N,C,H,W] fp32 -> energies [N]; optional attribute grad_scale
+# fp16 compute: dE/dx of a smooth energy is ~1e-4..1e-6 per pixel, at or below fp16's smallest normal (6e-5), so the
+# backward runs on the energy times this (halved on overflow); bf16 and fp32 have fp32's exponent range and need none
+FP16_INPUT_GRAD_SCALE = 2.0 ** 14
 
 
 @dataclass
@@ -47,16 +50,15 @@ def langevin(energy: EnergyFn, x: torch.Tensor, steps: int, step_size: float, no
     x0 = x.clone()
     grad_abs = x.new_zeros(())
     e_start = e_end = x.new_zeros(())
+    scale = float(getattr(energy, "grad_scale", 1.0))
     for t in range(steps):
         if noise > 0:
             eps = torch.randn(x.shape, device=x.device, generator=generator) if generator is not None \
                 else torch.randn_like(x)
             x = x + noise * (eps if mask is None else eps * mask)
-        x.requires_grad_(True)
-        e = energy(x)
-        (g,) = torch.autograd.grad(e.sum(), x)  # dE/dx only: no parameter gradients
+        x = x.detach().requires_grad_(True)
+        e, g, scale = energy_and_input_grad(energy, x, scale)
         x = x.detach()
-        g = g.float()
         if grad_clip is not None:
             g = g.clamp(-grad_clip, grad_clip)
         if mask is not None:
@@ -74,6 +76,21 @@ def langevin(energy: EnergyFn, x: torch.Tensor, steps: int, step_size: float, no
     n = max(steps, 1)
     stats = LangevinStats(e_start, e_end, grad_abs / n, (x - x0).abs().mean() / n)
     return x, stats
+
+
+def energy_and_input_grad(energy: EnergyFn, x: torch.Tensor, scale: float = 1.0):
+    """E(x) and dE/dx (fp32) with no parameter gradients. `scale` > 1 (fp16 compute) scales the energy before the
+    backward so that small input-gradients do not flush to zero in fp16, and is halved until the gradient is
+    finite; returns the scale that worked (the next step starts there)."""
+    while True:
+        e = energy(x)
+        (g,) = torch.autograd.grad(e.sum() * scale if scale != 1.0 else e.sum(), x)
+        g = g.float()
+        if scale == 1.0:
+            return e, g, scale
+        if bool(torch.isfinite(g).all()):  # one sync per step, fp16 only
+            return e, g / scale, scale
+        scale = max(scale / 2, 1.0)
 
 
 @contextlib.contextmanager
@@ -129,4 +146,5 @@ def model_energy(model: nn.Module, labels: Optional[torch.Tensor], dtype: torch.
 
     def energy(x: torch.Tensor) -> torch.Tensor:
         return fwd(model, x, labels, dtype, fmt)
+    energy.grad_scale = FP16_INPUT_GRAD_SCALE if dtype == torch.float16 else 1.0
     return energy

@@ -1,7 +1,7 @@
 """Our config -> DeepSpeed's config dict."""
 from __future__ import annotations
 
-import torch
+from ebmscale.precision import compute_dtype  # noqa: F401  (re-exported: callers import it from here)
 
 
 def build_ds_config(cfg, world_size: int) -> dict:
@@ -20,6 +20,8 @@ def build_ds_config(cfg, world_size: int) -> dict:
     }
     if t.precision == "bf16":
         ds["bf16"] = {"enabled": True}
+        if t.grad_reduce_fp32:  # bf16 keeps 8 bits of mantissa: a sum over hundreds of ranks would lose the small terms
+            ds["communication_data_type"] = "fp32"
     elif t.precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "hysteresis": 2,
                       "min_loss_scale": 1}
@@ -27,6 +29,3 @@ def build_ds_config(cfg, world_size: int) -> dict:
         ds["gradient_clipping"] = o.grad_clip
     return ds
 
-
-def compute_dtype(precision: str) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from ebmscale.config import GUARD_RESPONSES, GUARD_SIGNALS, REMEDY_KEYS, parse_remedy
 
 SEVERITY = {"ok": 0, **{r: i + 1 for i, r in enumerate(GUARD_RESPONSES)}}
-STOP, NONFINITE, GRAD_SQ, E_POS, E_NEG, COLLAPSED, NEG_STD, SATURATED = range(8)  # the all-reduced tensor
+STOP, NONFINITE, GRAD_SQ, E_POS, E_NEG, COLLAPSED, NEG_STD, SATURATED, OVERFLOW = range(9)  # the all-reduced tensor
 
 
 class GuardFailure(RuntimeError):
@@ -125,11 +125,13 @@ class Guard:
         """This rank's contribution: [stop, nonfinite, grad norm^2 share, mean E+, mean E-, collapsed, std, saturated]."""
         zero = torch.zeros((), device=self.device)
         if not self.cfg.enabled:
-            return torch.stack([zero + float(stop_requested)] + [zero] * 7)
+            return torch.stack([zero + float(stop_requested)] + [zero] * 8)
         grads, replicated = gradient_shard(engine)
         gsq = torch.stack(torch._foreach_norm(grads)).float().pow(2).sum() if grads else zero
         gsq = gsq / float(getattr(engine.optimizer, "loss_scale", 1.0) or 1.0) ** 2 / (self.world_size if replicated else 1)
+        overflow = zero
         if self.fp16:  # DeepSpeed's loss scaler owns fp16 overflow: it skips the step and lowers the scale itself
+            overflow = (~torch.isfinite(gsq)).float()
             gsq = torch.nan_to_num(gsq, nan=0.0, posinf=0.0)
         e_pos, e_neg, x = out["e_pos_all"].float(), out["e_neg_all"].float(), out["x_neg"].detach().float().flatten(1)
         bad = ~torch.isfinite(torch.stack([out["loss"].float(), e_pos.sum(), e_neg.sum(), x.sum(), gsq])).all()
@@ -138,15 +140,17 @@ class Guard:
         saturated = ((x <= 0) | (x >= 1)).float().mean()
         collapsed = (std < self.cfg.min_neg_std) | (saturated > self.cfg.max_saturated)
         return torch.stack([zero + float(stop_requested), bad.float(), gsq, e_pos.mean(), e_neg.mean(),
-                            collapsed.float(), std, saturated])
+                            collapsed.float(), std, saturated, overflow])
 
     def judge(self, step: int, s: list) -> Verdict:
         """The verdict on the all-reduced values; changes the timeline state the same way on every rank."""
         c, w = self.cfg, self.world_size
         norm = math.sqrt(s[GRAD_SQ]) if s[GRAD_SQ] >= 0 else float("nan")
         e_pos, e_neg = s[E_POS] / w, s[E_NEG] / w
+        overflow = s[OVERFLOW] > 0  # fp16: DeepSpeed skips this step; its norm (0 after nan_to_num) means nothing
         v = Verdict(step, stop_requested=s[STOP] > 0,
-                    metrics={"guard/grad_norm": norm, "guard/neg_std": s[NEG_STD] / w, "guard/saturated": s[SATURATED] / w})
+                    metrics={"guard/grad_norm": float("nan") if overflow else norm, "guard/neg_std": s[NEG_STD] / w,
+                             "guard/saturated": s[SATURATED] / w, "guard/fp16_overflow": float(overflow)})
         if not c.enabled:
             return v
         fired = {}  # all of them (a NaN compares False): a blow-up whose gradients overflow is still a blow-up
@@ -157,7 +161,7 @@ class Guard:
         if c.max_gap and abs(e_pos - e_neg) > c.max_gap:
             fired["gap"] = f"E+ - E- = {e_pos - e_neg:.4g} beyond +-{c.max_gap:g}"
         median = statistics.median(self.grad_norms) if len(self.grad_norms) >= min(10, c.grad_window) else None
-        if c.grad_spike and median and norm > c.grad_spike * median:
+        if c.grad_spike and median and not overflow and norm > c.grad_spike * median:
             fired["grad_spike"] = f"grad norm {norm:.4g} > {c.grad_spike:g} x median {median:.4g}"
         if s[COLLAPSED] > 0:
             fired["collapse"] = (f"negatives collapsed on {s[COLLAPSED]:.0f} rank(s) (mean pixel std {s[NEG_STD] / w:.3g}, "
@@ -167,7 +171,7 @@ class Guard:
         self.skips_in_row = self.skips_in_row + 1 if v.action == "skip" else 0
         if v.action == "skip" and self.skips_in_row >= c.max_skips:
             v.action, v.detail = "rollback", f"{v.detail}; {self.skips_in_row} skipped steps in a row (guard.max_skips)"
-        if SEVERITY[v.action] <= SEVERITY["warn"] and math.isfinite(norm):
+        if SEVERITY[v.action] <= SEVERITY["warn"] and math.isfinite(norm) and not overflow:
             self.grad_norms = (self.grad_norms + [norm])[-c.grad_window:]
         if fired:
             self.recent = [t for t in self.recent if t > step - c.clean_steps - 2] + [step]

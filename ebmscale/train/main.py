@@ -5,7 +5,9 @@ Runs the same under the launcher (submitit, local or SLURM), torchrun, srun or p
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -19,7 +21,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from ebmscale import distributed
+from ebmscale import distributed, precision
 from ebmscale.buffer import ReplayBuffer, build_buffer, reshard
 from ebmscale.config import ConfigError, flatten, from_yaml_file, run_dir, to_yaml
 from ebmscale.data import build_stream
@@ -153,6 +155,22 @@ def restore(trainer: Trainer, engine, buffer: ReplayBuffer, stream, folder: Path
         f"{world_size}: buffer re-sharded ({len(buffer)} samples here{note}), optimizer via universal checkpoint")
 
 
+def settle_precision(cfg, d: distributed.Dist, out: Path, checkpoint_precision) -> precision.Resolution:
+    """train.precision auto -> what this hardware runs natively, the same on every rank; recorded in the run's
+    config.yaml and precision.json (tools/status.py) and logged with the reason."""
+    res = precision.resolve_everywhere(cfg.train.precision, "cuda" if d.backend == "nccl" else "cpu",
+                                       checkpoint_precision)
+    cfg.train.precision = res.precision
+    if d.rank != 0:
+        return res
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    (out / "precision.json").write_text(json.dumps(dataclasses.asdict(res), indent=1))
+    log(f"precision {res.precision} (train.precision={res.requested}): {res.reason}")
+    if res.warning:
+        log(f"WARNING: {res.warning}")
+    return res
+
+
 def build_engine(cfg, rank: int, ds_cfg: dict):
     """The energy model under DeepSpeed; afterwards the global RNG is this rank's own (chains, noise)."""
     # the same seed on every rank: DeepSpeed broadcasts parameters but not buffers, and the spectral-norm
@@ -168,8 +186,8 @@ def build_engine(cfg, rank: int, ds_cfg: dict):
 
 
 def main(cfg) -> stop.Outcome:
-    d = distributed.init()
-    torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // d.local_world_size))
+    d = distributed.init(timeout_s=cfg.train.collective_timeout_s)
+    torch.set_num_threads(cfg.train.threads or distributed.cpu_threads(d.local_world_size, cfg.data.workers))
     out = run_dir(cfg).resolve()
     if d.rank == 0:
         prepare_run_dir(cfg, out)
@@ -178,6 +196,7 @@ def main(cfg) -> stop.Outcome:
     ckpt = Checkpointer(out / "checkpoints", cfg.checkpoint, d.rank, d.world_size)
     resume = ckpt.resume_target()
     prev = Checkpointer.read_trainer_state(resume) if resume else None
+    resolved = settle_precision(cfg, d, out, (prev or {}).get("precision"))
 
     ds_cfg = build_ds_config(cfg, d.world_size)
     load_dir = resume
@@ -194,8 +213,10 @@ def main(cfg) -> stop.Outcome:
         restore(trainer, engine, buffer, stream, resume, load_dir, d.rank, d.world_size, cfg.run.seed)
     hosts = all_hosts()
     tags = {"world_size": d.world_size, "hosts": hosts, "git_commit": git_commit(),
+            "precision": resolved.precision, "precision_reason": resolved.reason,
             "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), "resumed_from_step": trainer.step}
-    params = {**flatten(cfg), **{f"deepspeed.{k}": v for k, v in flatten(OmegaConf.create(ds_cfg)).items()}}
+    params = {**flatten(cfg), **{f"deepspeed.{k}": v for k, v in flatten(OmegaConf.create(ds_cfg)).items()},
+              "precision.requested": resolved.requested, "precision.reason": resolved.reason}
     tracker.start(params, out / "config.yaml", tags)
     if d.rank == 0:
         log(f"run folder {out}; step {trainer.step}/{cfg.train.steps}; world size {d.world_size}; "
