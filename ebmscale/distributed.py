@@ -204,6 +204,16 @@ def collective_timeout_s(configured: Optional[float] = None, environ: Optional[M
     return float(configured) if configured else DEFAULT_TIMEOUT_S
 
 
+def skip_cpu_inference_op() -> None:
+    """DeepSpeed's CPU backend compiles its shared-memory op (C++, about a minute on 2 cores) at the first
+    init_distributed on a machine; only its inference all-reduce uses it, never training. Marking it unavailable
+    saves that compile on a fresh machine and the hang of a build lock left by an interrupted first launch."""
+    import deepspeed.ops
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict) and os.environ.get("DS_ACCELERATOR") == "cpu":
+        compatible["deepspeed_shm_comm"] = False
+
+
 def collective_device(backend: str):
     """Where tensors for a collective must live: the current GPU for NCCL, the CPU for gloo."""
     import torch
@@ -225,6 +235,7 @@ def init(timeout_s: Optional[float] = None) -> Dist:
         torch.cuda.set_device(gpu)
     export(d, gpu=gpu)
     import deepspeed
+    skip_cpu_inference_op()
     deepspeed.init_distributed(dist_backend=d.backend, auto_mpi_discovery=False, verbose=d.rank == 0,
                                timeout=timedelta(seconds=collective_timeout_s(timeout_s)))
     atexit.unregister(shutdown)

@@ -95,20 +95,23 @@ def test_collectives_use_the_backends_device_and_an_explicit_timeout(monkeypatch
 
 
 def test_the_timeout_reaches_the_process_group():
-    """A real process group: the default group's timeout is the configured one, not a library default."""
+    """A real process group: the default group's timeout is the configured one, not a library default; and
+    DeepSpeed's CPU inference op is not compiled (training never uses it)."""
     code = "\n".join([
         "import os, torch",
         "from ebmscale import distributed",
         "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(distributed.free_port()))",
         "distributed.init(timeout_s=77)",
         "pg = torch.distributed.distributed_c10d._get_default_group()",
-        "print('TIMEOUT', pg._get_backend(torch.device('cpu')).options._timeout.total_seconds())"])
+        "print('TIMEOUT', pg._get_backend(torch.device('cpu')).options._timeout.total_seconds())",
+        "import deepspeed.comm.comm as cc; print('SHM', cc.cdb.shm_comm_op)"])
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
     env.pop("EBMSCALE_DIST_TIMEOUT_S", None)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("TIMEOUT")]
     assert res.returncode == 0 and line, res.stdout + res.stderr
     assert float(line[0].split()[1]) == 77.0
+    assert "SHM None" in res.stdout
 
 
 def test_selftest_puts_its_collective_tensors_on_the_backends_device():

@@ -41,7 +41,8 @@ def check_launcher(cfg: DictConfig, mode: str, nproc: int) -> List[str]:
         if lc.nodes > 1:
             raise ConfigError(f"launcher.nodes={lc.nodes}: --local runs on this machine only; drop --nodes "
                               f"or launch on SLURM")
-        cpus = os.cpu_count() or 1
+        from ebmscale.distributed import usable_cpus
+        cpus = usable_cpus()
         if nproc > cpus:
             notes.append(f"note: {nproc} processes on {cpus} CPU cores (oversubscribed; slow but works)")
     else:
@@ -53,6 +54,21 @@ def check_launcher(cfg: DictConfig, mode: str, nproc: int) -> List[str]:
             notes.append(f"note: data.workers={cfg.data.workers} loader processes + the trainer on "
                          f"launcher.cpus_per_task={lc.cpus_per_task} CPUs per task")
     return notes
+
+
+def check_precision(cfg: DictConfig, mode: str, ngpu: int) -> str:
+    """What train.precision will be. --local: resolved here, as the job will (it runs on this machine); SLURM: the
+    nodes' hardware decides, so say how."""
+    requested = cfg.train.precision
+    if mode == "local":
+        from ebmscale.precision import resolve_here
+        res = resolve_here(requested, "cuda" if ngpu else "cpu")
+        text = f"precision: {res.precision} (train.precision={requested}: {res.reason})"
+        return text + (f"\n  WARNING: {res.warning}" if res.warning else "")
+    if requested == "auto":
+        return ("precision: auto, resolved on the job's rank 0: bf16 on GPUs with compute capability >= 8.0, fp16 "
+                "on older ones, bf16 on CPUs with native bf16, else fp32 (the job log and tools/status.py say which)")
+    return f"precision: {requested} (set explicitly)"
 
 
 def check_sizes(cfg: DictConfig, world: int) -> List[str]:
@@ -221,11 +237,13 @@ def check_slurm_resources(cfg: DictConfig) -> List[str]:
     return []
 
 
-def preflight(cfg: DictConfig, mode: str, nproc: int, world: int, skip=(), dry_run: bool = False) -> List[str]:
+def preflight(cfg: DictConfig, mode: str, nproc: int, world: int, skip=(), dry_run: bool = False,
+              ngpu: int = 0) -> List[str]:
     """All login-node checks; returns notes to print, raises ConfigError on the first problem."""
     from ebmscale.config import run_dir
     notes: List[str] = []
     notes += check_launcher(cfg, mode, nproc)
+    notes.append(check_precision(cfg, mode, cfg.launcher.gpus_per_node if mode == "slurm" else ngpu))
     notes += check_sizes(cfg, world)
     if mode == "slurm" and "cluster" not in skip:
         notes += check_slurm_resources(cfg)

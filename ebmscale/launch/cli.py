@@ -85,7 +85,7 @@ def launch_main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             nproc, ngpu = checks.tasks_per_node(cfg.launcher), cfg.launcher.gpus_per_node
             world = cfg.launcher.nodes * nproc
-        notes = checks.preflight(cfg, mode, nproc, world, dry_run=args.dry_run)
+        notes = checks.preflight(cfg, mode, nproc, world, dry_run=args.dry_run, ngpu=ngpu)
         script = submit.render_sbatch(cfg, submit.submitit_folder(Path(cfg.run.dir))) if mode == "slurm" else None
         if script is not None and shutil.which("sbatch"):
             notes.append(submit.sbatch_test_only(script))
