@@ -2,6 +2,10 @@
 
 Storage is preallocated tensors (uint8 with dequantization noise on reuse, as the IGEBM
 release, or fp16), so push and sample cost O(batch) whatever the capacity.
+
+The uint8 codec: `unbiased` stores floor(256 x) and decodes (v + U(0, 1)) / 256, so a round trip keeps the
+mean; `release` is train.py compress_x_mod / decompress_x_mod: floor(255 x), decoded v / 256 + U(0, 1/256),
+which pulls every reused sample towards 0 by a factor 255/256 (1.0 comes back as at most 0.9961).
 """
 from __future__ import annotations
 
@@ -12,9 +16,9 @@ import torch
 
 class ReplayBuffer:
     def __init__(self, capacity: int, shape: tuple, num_classes: int = 0, dtype: str = "uint8",
-                 fresh_fraction: float = 0.05, device: str | torch.device = "cpu"):
+                 fresh_fraction: float = 0.05, device: str | torch.device = "cpu", codec: str = "unbiased"):
         self.capacity, self.shape, self.num_classes = capacity, tuple(shape), num_classes
-        self.dtype, self.fresh_fraction = dtype, fresh_fraction
+        self.dtype, self.fresh_fraction, self.levels = dtype, fresh_fraction, 255.0 if codec == "release" else 256.0
         store = torch.uint8 if dtype == "uint8" else torch.float16
         self.images = torch.zeros((capacity, *self.shape), dtype=store, device=device)
         self.labels = torch.zeros(capacity, dtype=torch.long, device=device)
@@ -27,7 +31,7 @@ class ReplayBuffer:
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         if self.dtype == "uint8":
-            return (x * 256.0).floor().clamp(0, 255).to(torch.uint8)  # decode adds U(0,1): unbiased
+            return (x * self.levels).floor().clamp(0, 255).to(torch.uint8)
         return x.to(torch.float16)
 
     def _decode(self, v: torch.Tensor) -> torch.Tensor:
@@ -52,19 +56,24 @@ class ReplayBuffer:
         idx = torch.randint(0, self.size, (n,), device=self.images.device)
         return self._decode(self.images[idx]), self.labels[idx].clone(), self.born[idx].clone()
 
-    def init_chains(self, n: int, step: int, device: torch.device | str = "cpu"):
-        """Chain starts: `fresh_fraction` uniform noise with random labels, the rest from the buffer
-        (all noise while it holds less than one batch). Returns (x fp32, labels, fresh mask, born)."""
+    def init_chains(self, n: int, step: int, device: torch.device | str = "cpu",
+                    labels: Optional[torch.Tensor] = None):
+        """Chain starts: `fresh_fraction` uniform noise, the rest from the buffer (all noise while it holds
+        less than one batch). Their labels: `labels` when given (the release gives the chains the data batch's
+        labels, train.py 252-256), else each reused sample's stored label and random ones for fresh chains.
+        Returns (x fp32, labels, fresh mask, born)."""
         noise = torch.rand((n, *self.shape), device=device)
-        labels = torch.randint(0, max(self.num_classes, 1), (n,), device=device)
+        fresh_labels = torch.randint(0, max(self.num_classes, 1), (n,), device=device) if labels is None \
+            else labels.to(device)
         born = torch.full((n,), step, dtype=torch.long, device=device)
         if self.size < n:
-            return noise, labels, torch.ones(n, dtype=torch.bool, device=device), born
+            return noise, fresh_labels, torch.ones(n, dtype=torch.bool, device=device), born
         fresh = torch.rand(n, device=device) < self.fresh_fraction
         bx, by, bb = (t.to(device) for t in self.sample(n))
         keep = ~fresh
         x = torch.where(keep.view(-1, *[1] * len(self.shape)), bx, noise)
-        return x, torch.where(keep, by, labels), fresh, torch.where(keep, bb, born)
+        y = fresh_labels if labels is not None else torch.where(keep, by, fresh_labels)
+        return x, y, fresh, torch.where(keep, bb, born)
 
     def state_dict(self) -> dict:
         """The filled slots in storage order plus the write position, so a resumed run draws exactly
@@ -91,7 +100,7 @@ def build_buffer(cfg, device: str | torch.device = "cpu") -> ReplayBuffer:
     """This rank's buffer as a run's config (`buffer`, `model`) describes it."""
     m, b = cfg.model, cfg.buffer
     return ReplayBuffer(b.capacity, (m.in_channels, m.resolution, m.resolution), m.num_classes, b.dtype,
-                        b.fresh_fraction, device=device)
+                        b.fresh_fraction, device=device, codec=getattr(b, "codec", None) or "unbiased")
 
 
 def reshard(shards: list[dict], world_size: int, rank: int, capacity: int) -> tuple[dict, int]:

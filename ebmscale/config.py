@@ -19,6 +19,10 @@ ARCHS = ("resnet32", "resnet32large", "resnet32wider", "resnet128")
 ACTIVATIONS = ("leaky_relu", "swish")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: resolved per run by ebmscale/precision.py
 BUFFER_DTYPES = ("uint8", "fp16")
+RECIPES = ("paper", "ebmscale")
+RESIDUALS = ("release", "scaled")
+CHAIN_LABELS = ("batch", "stored")
+BUFFER_CODECS = ("release", "unbiased")
 
 
 class ConfigError(ValueError):
@@ -42,6 +46,14 @@ class ModelConfig:
     num_classes: int = 0  # 0 = unconditional
     activation: str = "leaky_relu"
     spectral_norm: bool = True
+    # null = as the `recipe` says (recipe_choices below); a value given here beats the recipe
+    shortcut_kernel: Optional[int] = None  # the channel-changing shortcut conv: 3 (release) or 1
+    conv_bias: Optional[bool] = None  # additive bias in the convolutions (the release has none)
+    pool_activation: Optional[str] = None  # applied before the global sum pool (release: relu for most nets)
+    first_block_activation: Optional[str] = None  # the first residual block's (release: leaky_relu even under swish)
+    dropout: Optional[float] = None  # on conv1's output in every block, training and Langevin (release: 0.5 in ResNet32Large)
+    residual: Optional[str] = None  # release: conv2 ~ N(0, 1e-10), sigma capped at 1 | scaled: learned scale from 1
+    class_gain_bias: Optional[bool] = None  # conditional nets: a per-channel `cb` added to conv2's class gain
 
 
 @dataclass
@@ -60,6 +72,8 @@ class BufferConfig:
     capacity: int = 10000  # per rank
     fresh_fraction: float = 0.05
     dtype: str = "uint8"
+    labels: Optional[str] = None  # conditional chains' labels: batch (the data batch's, release) | stored (kept with each sample)
+    codec: Optional[str] = None  # uint8 storage: release (floor(255x), decode +U/256: shrinks by 255/256) | unbiased (floor(256x))
 
 
 @dataclass
@@ -86,7 +100,7 @@ class OptimConfig:
     beta1: float = 0.0
     beta2: float = 0.999
     weight_decay: float = 0.0
-    official_clip: bool = False  # per-element clip of g to 3*sqrt(v_hat)+0.1, as the IGEBM release
+    official_clip: Optional[bool] = None  # per-element clip of g to 3*sqrt(v_hat)+0.1, as the IGEBM release
     grad_clip: float = 0.0  # global-norm clip through DeepSpeed; 0 = off
 
 
@@ -191,6 +205,7 @@ class LauncherConfig:
 
 @dataclass
 class Config:
+    recipe: str = "ebmscale"  # paper | ebmscale: fills every null choice key (recipe_choices); explicit keys win
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -235,6 +250,7 @@ def load_config(path: Optional[str | Path] = None, overrides: List[str] = ()) ->
     if path is not None:
         cfg = merge_file(cfg, path)
     cfg = merge_overrides(cfg, overrides)
+    resolve_recipe(cfg)
     validate(cfg)
     return cfg
 
@@ -252,6 +268,36 @@ def merge_overrides(cfg: DictConfig, overrides: List[str]) -> DictConfig:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not key=value (e.g. train.steps=100)")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+    return cfg
+
+
+def recipe_choices(recipe: str, model: Any) -> Dict[str, Any]:
+    """Every choice a recipe makes, as {config key: value}, for a `model` section (arch, activation, classes).
+    `paper` is openai/ebm_code_release line by line (models.py, utils.py, custom_adam.py, train.py); `ebmscale`
+    is today's measured choices. README.md "Recipes" gives the why of each."""
+    if recipe == "paper":
+        if model.activation == "swish":  # models.py 435-438, 613-616: the block activation again
+            pool = "swish"
+        elif model.arch == "resnet32large" and model.num_classes > 0:  # models.py 339-342
+            pool = "leaky_relu"
+        else:  # models.py 254, 342, 438, 616
+            pool = "relu"
+        return {"model.shortcut_kernel": 3, "model.conv_bias": False, "model.pool_activation": pool,
+                "model.first_block_activation": "leaky_relu", "model.residual": "release",
+                "model.dropout": 0.5 if model.arch == "resnet32large" else 0.0, "model.class_gain_bias": True,
+                "optim.official_clip": True, "buffer.labels": "batch", "buffer.codec": "release"}
+    return {"model.shortcut_kernel": 1, "model.conv_bias": True, "model.pool_activation": model.activation,
+            "model.first_block_activation": model.activation, "model.residual": "scaled", "model.dropout": 0.0,
+            "model.class_gain_bias": False, "optim.official_clip": False, "buffer.labels": "stored",
+            "buffer.codec": "unbiased"}
+
+
+def resolve_recipe(cfg: DictConfig) -> DictConfig:
+    """Fill each recipe key left null with the recipe's value, in place; keys given explicitly stay."""
+    _check(cfg.recipe in RECIPES, "recipe", f"unknown recipe '{cfg.recipe}'; allowed: {', '.join(RECIPES)}")
+    for key, value in recipe_choices(cfg.recipe, cfg.model).items():
+        if OmegaConf.select(cfg, key) is None:
+            OmegaConf.update(cfg, key, value)
     return cfg
 
 
@@ -273,6 +319,14 @@ def validate(cfg: DictConfig) -> None:
     _check(m.filters > 0, "model.filters", f"must be > 0, got {m.filters}")
     _check(m.in_channels in (1, 3), "model.in_channels", f"must be 1 or 3, got {m.in_channels}")
     _check(m.num_classes >= 0, "model.num_classes", f"must be >= 0 (0 = unconditional), got {m.num_classes}")
+    _check(cfg.recipe in RECIPES, "recipe", f"unknown recipe '{cfg.recipe}'; allowed: {', '.join(RECIPES)}")
+    for key, allowed in (("model.pool_activation", ACTIVATIONS + ("relu",)), ("model.first_block_activation", ACTIVATIONS),
+                         ("model.residual", RESIDUALS), ("buffer.labels", CHAIN_LABELS), ("buffer.codec", BUFFER_CODECS),
+                         ("model.shortcut_kernel", (1, 3))):
+        value = OmegaConf.select(cfg, key)
+        _check(value is None or value in allowed, key, f"unknown '{value}'; allowed: {', '.join(map(str, allowed))} "
+               f"(or null: the recipe's)")
+    _check(m.dropout is None or 0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     n_down = {"resnet32": 3, "resnet32large": 3, "resnet32wider": 3, "resnet128": 5}[m.arch]
     _check(m.resolution > 0 and m.resolution % (2 ** n_down) == 0, "model.resolution",
            f"{m.arch} downsamples {n_down} times, so the resolution must be a positive multiple of "
@@ -368,6 +422,7 @@ def flatten(cfg: DictConfig, prefix: str = "") -> Dict[str, Any]:
 def from_yaml_file(path: str | Path) -> DictConfig:
     """Re-load a resolved config.yaml written to a run folder (no base merge: it is complete)."""
     cfg = _merge(OmegaConf.structured(Config), OmegaConf.load(path), str(path))
+    resolve_recipe(cfg)  # a run written before the recipe keys existed ran ebmscale's choices
     validate(cfg)
     return cfg
 

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from ebmscale.config import CONFIG_DIR, Config, ConfigError, _merge, merge_file, merge_overrides, validate
+from ebmscale.config import CONFIG_DIR, Config, ConfigError, _merge, merge_file, merge_overrides, resolve_recipe, validate
 
 PROFILE_DIR = Path(os.environ.get("EBMSCALE_PROFILE_DIR") or
                    Path(__file__).resolve().parent.parent.parent / "slurm" / "profiles")
@@ -80,5 +80,6 @@ def resolve_config(config_path: Optional[str], overrides: Sequence[str] = (),
         cfg.launcher.profile = name
     else:
         cfg = first
+    resolve_recipe(cfg)
     validate(cfg)
     return cfg

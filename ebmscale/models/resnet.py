@@ -2,13 +2,22 @@
 
 Each net: 3x3 stem conv -> residual blocks -> activation -> global sum pool -> linear -> one energy.
 Widths are multiples of `filters` (128 for the 32px nets, 64 for ResNet128).
+
+The details that differ between the release and ebmscale's measured choices are constructor arguments, set
+by the config's `recipe` (config.recipe_choices); the defaults here are ebmscale's. Under the release's
+choices the nets hold exactly the parameters its forward pass uses (tests/test_paper_parity.py).
+
+The stem conv always computes in fp32 on the fp32 input, whatever the module's dtype: in bf16 the input's
+spacing on [0.5, 1) is 1/256, so a cast would erase the 1/256 dequantization noise and most of the 0.005
+Langevin noise before the first layer.
 """
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils.parametrizations import spectral_norm
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _SpectralNorm, spectral_norm
 
 # arch -> ((width multiple of filters, downsample), ...); the stem conv is always in_channels -> filters
 ARCH_BLOCKS = {
@@ -21,44 +30,93 @@ ARCH_BLOCKS = {
 }
 
 
-def _conv(cin: int, cout: int, k: int, sn: bool) -> nn.Conv2d:
-    conv = nn.Conv2d(cin, cout, k, padding=k // 2)
+class _CappedSpectralNorm(_SpectralNorm):
+    """W / (sigma + 1e-6) * min(sigma + 1e-6, 1): the release's bound on conv2 (utils.py spectral_normed_weight,
+    lower_bound=True). A weight with sigma below 1 is left as it is, so the N(0, 1e-10) start stays near zero."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        mat = self._reshape_weight_to_matrix(weight)
+        if self.training:
+            self._power_method(mat, self.n_power_iterations)
+        u = self._u.clone(memory_format=torch.contiguous_format)
+        v = self._v.clone(memory_format=torch.contiguous_format)
+        sigma = torch.vdot(u, torch.mv(mat, v)) + 1e-6
+        return weight / sigma * sigma.clamp(max=1.0)
+
+
+def _conv(cin: int, cout: int, k: int, sn: bool, bias: bool = True, release_residual: bool = False) -> nn.Conv2d:
+    conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias)
+    if release_residual:
+        nn.init.normal_(conv.weight, std=1e-10)  # utils.py get_weight(zero=True)
+        if sn:
+            parametrize.register_parametrization(conv, "weight", _CappedSpectralNorm(conv.weight))
+        return conv
     return spectral_norm(conv) if sn else conv
 
 
 def _act(name: str) -> nn.Module:
-    return {"leaky_relu": lambda: nn.LeakyReLU(0.2), "swish": nn.SiLU}[name]()
+    return {"leaky_relu": lambda: nn.LeakyReLU(0.2), "swish": nn.SiLU, "relu": nn.ReLU}[name]()
+
+
+class ReleaseDropout(nn.Module):
+    """Dropout that ignores train()/eval(): the release builds ResNet32Large with train=True, so every forward of
+    training drops units, the Langevin steps' included (the sampler puts the module in eval mode). Evaluation
+    switches it off: `set_dropout(model, False)`."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p, self.active = p, True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.p, training=self.active)
+
+
+def set_dropout(model: nn.Module, active: bool) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, ReleaseDropout):
+            m.active = active
+    return model
 
 
 class ResBlock(nn.Module):
     """The official conditioning: a per-class bias on the input of each conv, a per-class gain on the
     output of the second. Unconditional nets keep one (learned) row of each table, as the release does."""
 
-    def __init__(self, cin: int, cout: int, downsample: bool, num_classes: int, sn: bool, act: nn.Module):
+    def __init__(self, cin: int, cout: int, downsample: bool, num_classes: int, sn: bool, act: nn.Module,
+                 shortcut_kernel: int = 1, conv_bias: bool = True, dropout: float = 0.0, residual: str = "scaled",
+                 class_gain_bias: bool = False):
         super().__init__()
         self.conditional = num_classes > 0
         self.downsample = downsample
         self.act = act
-        self.conv1 = _conv(cin, cout, 3, sn)
-        self.conv2 = _conv(cout, cout, 3, sn)
-        self.shortcut = _conv(cin, cout, 1, sn) if cin != cout else nn.Identity()
+        self.conv1 = _conv(cin, cout, 3, sn, conv_bias)
+        self.conv2 = _conv(cout, cout, 3, sn, conv_bias, release_residual=residual == "release")
+        self.shortcut = _conv(cin, cout, shortcut_kernel, sn, conv_bias) if cin != cout else nn.Identity()
+        self.dropout = ReleaseDropout(dropout) if dropout > 0 else nn.Identity()
         k = max(num_classes, 1)
         self.bias1, self.bias2, self.gain2 = nn.Embedding(k, cin), nn.Embedding(k, cout), nn.Embedding(k, cout)
         nn.init.zeros_(self.bias1.weight)
         nn.init.zeros_(self.bias2.weight)
         nn.init.ones_(self.gain2.weight)
+        # utils.py conv_block: the class gain is g[y] + cb, cb a per-channel bias shared by all classes
+        self.gain2_bias = nn.Parameter(torch.zeros(cout)) if class_gain_bias and self.conditional else None
         # A learned scale on the residual branch. Measured on the digits demo: starting it at 0 (identity
         # blocks, the release's near-zero conv2) leaves it near 0.03 after 500 Adam steps at lr 3e-4, so the
         # net stays almost linear and barely conditional; torch's spectral norm already bounds the branch.
-        self.res_scale = nn.Parameter(torch.ones(1))
+        self.res_scale = nn.Parameter(torch.ones(1)) if residual == "scaled" else None
 
     def _cond(self, table: nn.Embedding, y: Optional[torch.Tensor]) -> torch.Tensor:
         w = table(y) if self.conditional else table.weight[:1]
         return w[:, :, None, None]  # [N or 1, C, 1, 1]
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
-        h = self.act(self.conv1(x + self._cond(self.bias1, y)))
-        h = self.conv2(h + self._cond(self.bias2, y)) * self._cond(self.gain2, y) * self.res_scale
+        h = self.act(self.dropout(self.conv1(x + self._cond(self.bias1, y))))
+        gain = self._cond(self.gain2, y)
+        if self.gain2_bias is not None:
+            gain = gain + self.gain2_bias[None, :, None, None]
+        h = self.conv2(h + self._cond(self.bias2, y)) * gain
+        if self.res_scale is not None:
+            h = h * self.res_scale
         h = h + self.shortcut(x)
         if self.downsample:
             h = F.avg_pool2d(h, 2)
@@ -67,7 +125,10 @@ class ResBlock(nn.Module):
 
 class EnergyModel(nn.Module):
     def __init__(self, arch: str = "resnet32", filters: int = 128, in_channels: int = 3, resolution: int = 32,
-                 num_classes: int = 0, activation: str = "leaky_relu", spectral_norm: bool = True):
+                 num_classes: int = 0, activation: str = "leaky_relu", spectral_norm: bool = True,
+                 shortcut_kernel: int = 1, conv_bias: bool = True, pool_activation: Optional[str] = None,
+                 first_block_activation: Optional[str] = None, dropout: float = 0.0, residual: str = "scaled",
+                 class_gain_bias: bool = False):
         super().__init__()
         if arch not in ARCH_BLOCKS:
             raise ValueError(f"unknown arch '{arch}'; allowed: {', '.join(ARCH_BLOCKS)}")
@@ -77,30 +138,42 @@ class EnergyModel(nn.Module):
                              f"of {2 ** n_down}")
         self.arch, self.resolution, self.num_classes = arch, resolution, num_classes
         self.act = _act(activation)
-        self.stem = _conv(in_channels, filters, 3, spectral_norm)
+        self.pool_act = _act(pool_activation or activation)
+        self.stem = _conv(in_channels, filters, 3, spectral_norm, conv_bias)
         blocks, cin = [], filters
-        for mult, down in ARCH_BLOCKS[arch]:
-            blocks.append(ResBlock(cin, mult * filters, down, num_classes, spectral_norm, self.act))
+        for i, (mult, down) in enumerate(ARCH_BLOCKS[arch]):
+            act = _act(first_block_activation) if i == 0 and first_block_activation else self.act
+            blocks.append(ResBlock(cin, mult * filters, down, num_classes, spectral_norm, act, shortcut_kernel,
+                                   conv_bias, dropout, residual, class_gain_bias))
             cin = mult * filters
         self.blocks = nn.ModuleList(blocks)
         self.fc = nn.Linear(cin, 1)
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: [N, C, H, W] in [0, 1]; y: [N] class labels (ignored when unconditional) -> energies [N]."""
+        """x: [N, C, H, W] in [0, 1], best fp32 (the stem reads it in fp32); y: [N] class labels (ignored when
+        unconditional) -> energies [N] in the module's dtype."""
         if self.num_classes > 0 and y is None:
             raise ValueError("this model is class-conditional: pass labels y")
-        h = self.act(self.stem(x))
+        w, b = self.stem.weight, self.stem.bias
+        h = F.conv2d(x.float(), w.float(), None if b is None else b.float(), padding=self.stem.padding)
+        h = self.act(h).to(w.dtype)
         for block in self.blocks:
             h = block(h, y)
-        h = self.act(h).sum(dim=(2, 3))
+        h = self.pool_act(h).sum(dim=(2, 3))
         return self.fc(h).squeeze(1)
 
 
+MODEL_CHOICES = ("shortcut_kernel", "conv_bias", "pool_activation", "first_block_activation", "dropout",
+                 "residual", "class_gain_bias")
+
+
 def build_model(cfg) -> EnergyModel:
-    """cfg: the `model` config section (DictConfig or ModelConfig)."""
+    """cfg: the `model` config section (DictConfig or ModelConfig); a recipe key left null takes the default
+    above (ebmscale's choice) - config.load_config fills them from the `recipe` first."""
+    choices = {k: getattr(cfg, k) for k in MODEL_CHOICES if getattr(cfg, k, None) is not None}
     return EnergyModel(arch=cfg.arch, filters=cfg.filters, in_channels=cfg.in_channels,
                        resolution=cfg.resolution, num_classes=cfg.num_classes,
-                       activation=cfg.activation, spectral_norm=cfg.spectral_norm)
+                       activation=cfg.activation, spectral_norm=cfg.spectral_norm, **choices)
 
 
 def count_parameters(model: nn.Module) -> int:

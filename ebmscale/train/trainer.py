@@ -38,9 +38,11 @@ class Trainer:
         self.guard = guard or build_guard(cfg, world_size, self.device)
 
     # ---- one step -----------------------------------------------------------------------------
-    def sample_negatives(self, n: int, frames: Optional[list] = None):
+    def sample_negatives(self, n: int, frames: Optional[list] = None, y_pos: Optional[torch.Tensor] = None):
+        """Langevin negatives for one batch; under buffer.labels=batch conditional chains take `y_pos`."""
         s = self.cfg.sampler
-        x0, y, fresh, born = self.buffer.init_chains(n, self.step, self.device)
+        batch_labels = y_pos if self.conditional and y_pos is not None and self.cfg.buffer.labels == "batch" else None
+        x0, y, fresh, born = self.buffer.init_chains(n, self.step, self.device, labels=batch_labels)
         with frozen(self.engine.module, s.channels_last) as model:
             energy = model_energy(model, y if self.conditional else None, self.dtype,
                                   channels_last=s.channels_last, compile=s.compile)
@@ -52,7 +54,7 @@ class Trainer:
     def train_step(self, x_pos: torch.Tensor, y_pos: torch.Tensor, frames: Optional[list] = None) -> dict:
         t0 = time.perf_counter()
         n = x_pos.shape[0]
-        x_neg, y_neg, fresh, born, lstats = self.sample_negatives(n, frames)
+        x_neg, y_neg, fresh, born, lstats = self.sample_negatives(n, frames, y_pos)
         if faults.active("collapse", self.step + 1, self.rank):
             x_neg = torch.full_like(x_neg, 0.5)
         t1 = time.perf_counter()
