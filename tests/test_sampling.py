@@ -40,7 +40,7 @@ def test_mask_moves_only_free_pixels_and_input_untouched():
 def test_chains_stay_fp32_with_bf16_energy_and_params_frozen():
     lin = torch.nn.Linear(4, 1).to(torch.bfloat16)
     model = torch.nn.Sequential(torch.nn.Flatten(), lin)
-    fn = lambda x, y: model(x).squeeze(1)
+    fn = lambda x, y: model(x.to(torch.bfloat16)).squeeze(1)  # the energy gets fp32 x and casts it (as EnergyModel)
     wrapped = type("M", (torch.nn.Module,), {"forward": lambda self, x, y: fn(x, y)})()
     wrapped.inner = model
     with frozen(wrapped) as m:

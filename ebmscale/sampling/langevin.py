@@ -127,7 +127,7 @@ def frozen(model: nn.Module, channels_last: bool = False):
 
 def _forward(model: nn.Module, x: torch.Tensor, labels: Optional[torch.Tensor], dtype: torch.dtype,
              memory_format: torch.memory_format) -> torch.Tensor:
-    return model(x.to(dtype).contiguous(memory_format=memory_format), labels).float()
+    return model(x.contiguous(memory_format=memory_format), labels).float()  # fp32 x: the stem reads it in fp32
 
 
 @functools.cache
@@ -137,7 +137,8 @@ def _compiled_forward():
 
 def model_energy(model: nn.Module, labels: Optional[torch.Tensor], dtype: torch.dtype,
                  channels_last: bool = False, compile: bool = False) -> EnergyFn:
-    """An energy callable over a bare module (never a DeepSpeed engine): fp32 chains, `dtype` compute.
+    """An energy callable over a bare module (never a DeepSpeed engine): fp32 chains, `dtype` compute; the module
+    gets the fp32 chain and casts it itself (EnergyModel's stem reads it in fp32, models/resnet.py).
     `channels_last` feeds the convolutions NHWC (faster in bf16 on CPU and GPU; in fp32 it changes the
     summation order, not the maths); `compile` runs the forward (and so its input-backward) through
     torch.compile, once per model, dtype and batch shape. Use inside `frozen(model)`."""
