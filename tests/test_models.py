@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from ebmscale.config import ModelConfig, load_config
+from ebmscale.config import CONFIG_DIR, ModelConfig, load_config
 from ebmscale.models import ARCH_BLOCKS, EnergyModel, build_model, count_parameters
 
 ARCHS = list(ARCH_BLOCKS)
@@ -152,3 +152,24 @@ def test_bad_arch_and_resolution():
         make("resnet50", resolution=32)
     with pytest.raises(ValueError, match="multiple of 32"):
         make("resnet128", resolution=48)
+
+
+@pytest.mark.parametrize("recipe", ["paper", "ebmscale"])
+def test_a_1_512_input_perturbation_changes_the_bf16_energy(recipe):
+    """bf16's spacing on [0.5, 1) is 1/256: cast, x + 1/512 rounds back to x (ties to even). The stem reads the
+    fp32 input, so the energy - in bf16, through the sampler's path - still sees it."""
+    from ebmscale.sampling import frozen, model_energy
+    torch.manual_seed(0)
+    cfg = load_config(CONFIG_DIR / "cifar10.yaml", [f"recipe={recipe}", "model.filters=8"])
+    model = build_model(cfg.model).to(torch.bfloat16)
+    x = 0.5 + 2 * torch.randint(0, 64, (4, 3, 32, 32)) / 256  # bf16-exact, even last mantissa bit
+    x_plus = x + 1 / 512
+    assert torch.equal(x.to(torch.bfloat16), x_plus.to(torch.bfloat16))  # what the old input cast did
+    y = torch.tensor([0, 3, 5, 9])
+    with frozen(model, channels_last=True) as m:
+        energy = model_energy(m, y, torch.bfloat16, channels_last=True)
+        e, e_plus = energy(x), energy(x_plus)
+        assert torch.equal(energy(x), e)  # deterministic: the difference below is the input's
+        assert (e != e_plus).all(), (e, e_plus)
+        (g,) = torch.autograd.grad(energy(x.requires_grad_()).sum(), x)
+        assert g.dtype == torch.float32

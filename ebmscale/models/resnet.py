@@ -7,9 +7,10 @@ The details that differ between the release and ebmscale's measured choices are 
 by the config's `recipe` (config.recipe_choices); the defaults here are ebmscale's. Under the release's
 choices the nets hold exactly the parameters its forward pass uses (tests/test_paper_parity.py).
 
-The stem conv always computes in fp32 on the fp32 input, whatever the module's dtype: in bf16 the input's
-spacing on [0.5, 1) is 1/256, so a cast would erase the 1/256 dequantization noise and most of the 0.005
-Langevin noise before the first layer.
+The stem conv always computes in fp32 on the fp32 input, and the pool and linear head in fp32, whatever the
+module's dtype: in bf16 the input's spacing on [0.5, 1) is 1/256, so a cast would erase the 1/256
+dequantization noise and most of the 0.005 Langevin noise before the first layer, and a bf16 energy is
+rounded to 2^-8 of itself. The blocks between compute in the module's dtype.
 """
 from typing import Optional
 
@@ -151,7 +152,7 @@ class EnergyModel(nn.Module):
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: [N, C, H, W] in [0, 1], best fp32 (the stem reads it in fp32); y: [N] class labels (ignored when
-        unconditional) -> energies [N] in the module's dtype."""
+        unconditional) -> energies [N], fp32."""
         if self.num_classes > 0 and y is None:
             raise ValueError("this model is class-conditional: pass labels y")
         w, b = self.stem.weight, self.stem.bias
@@ -159,8 +160,8 @@ class EnergyModel(nn.Module):
         h = self.act(h).to(w.dtype)
         for block in self.blocks:
             h = block(h, y)
-        h = self.pool_act(h).sum(dim=(2, 3))
-        return self.fc(h).squeeze(1)
+        h = self.pool_act(h).float().sum(dim=(2, 3))  # fp32 pool and head: bf16 would round E to 2^-8 of itself
+        return F.linear(h, self.fc.weight.float(), self.fc.bias.float()).squeeze(1)
 
 
 MODEL_CHOICES = ("shortcut_kernel", "conv_bias", "pool_activation", "first_block_activation", "dropout",
