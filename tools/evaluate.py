@@ -8,7 +8,10 @@ the run's MLflow run as eval/* metrics and pictures.
   python tools/evaluate.py accuracy SAMPLES.npz --classifier runs/digits_classifier.pt
   python tools/evaluate.py ood RUN_DIR --source svhn=data/svhn/manifest.json
   python tools/evaluate.py restore RUN_DIR --task inpaint denoise
-SAMPLES.npz come from tools/sample.py, which records the run they belong to.
+SAMPLES.npz come from tools/sample.py, which records the run they belong to. These are the quick evaluations;
+`paper` runs the release's whole protocol (ebmscale/eval/paper.py) and sets the paper's numbers beside ours:
+  python tools/evaluate.py paper RUN_DIR --inception W.pth --fid-shards "TRAIN::TEST" --test-shards TEST \
+      --ensemble 10 --source svhn=data/svhn/manifest.json textures=data/textures/manifest.json
 """
 import argparse
 import sys
@@ -142,6 +145,68 @@ def cmd_restore(a) -> dict:
     return report.finish()
 
 
+def cmd_paper(a) -> dict:
+    """IS/FID by the release's sampling, OOD AUROC on the held-out split, inpainting and denoising (MSE, PSNR) on
+    training and held-out images; one JSON (RUN/eval/paper_step<step>.json) and a Markdown table beside it."""
+    from ebmscale.eval.data import read_images
+    from ebmscale.eval.fid import feature_net, fid_and_is, reference_stats
+    from ebmscale.eval.ood import aurocs, energy_scores, synthetic
+    from ebmscale.eval.paper import PAPER, RELEASE_SAMPLING, markdown_table, release_denoise, release_inpaint, \
+        release_samples
+    models, cfg, run, step = load_models(a)
+    m, s = cfg.model, cfg.sampler
+    train_spec, allow_pipe = run_shards(run, a.train_shards)
+    report = Report("paper", run, step, a.json)
+    metrics, info = {}, {"ensemble": len(models), "test_shards": a.test_shards}
+    if "sample" in a.tasks:  # every model of the ensemble in turn
+        try:
+            net = feature_net(a.inception, a.classifier, device_of(a))
+        except (ValueError, FileNotFoundError, ImportError) as e:
+            raise SystemExit(str(e))
+        sampling = {**RELEASE_SAMPLING, **{k: v for k, v in (("iterations", a.iterations), ("batch", a.batch),
+                                                              ("buffer_size", a.buffer_size)) if v}}
+        x, y = release_samples(models, a.n, m.num_classes, (m.in_channels, m.resolution, m.resolution),
+                               seed=a.seed, progress=True, **sampling)
+        ref = reference_stats(net, a.fid_shards or train_spec, m.resolution, m.in_channels, None, run,
+                              allow_pipe=allow_pipe)
+        res = fid_and_is(net, x, ref, splits=max(1, len(x) // 5000))
+        tag = "" if net.key.startswith("inception") else "_classifier"
+        metrics.update({f"{k}{tag}": v for k, v in res.items() if k != "n"})
+        samples = report.json_path.with_name(f"paper_samples_step{step:09d}.npz")
+        samples.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(samples, images=x, labels=y, run=str(run), step=step)
+        info.update(samples=str(samples), sampling=sampling, feature_net=net.key, fid_reference=a.fid_shards or train_spec)
+        report.image("samples", image_grid(as_float(x[:100]), nrow=10))
+    model = models[0]  # the sandbox scores one checkpoint
+    if "ood" in a.tasks:
+        x_in, _ = read_images(a.test_shards, m.resolution, m.in_channels, a.ood_n, allow_pipe=True)
+        rng = np.random.default_rng(a.seed)
+        sources = {k: synthetic(k, x_in, rng) for k in ("uniform", "constant", "interpolation")}
+        for item in a.source:
+            name, _, spec = item.partition("=")
+            sources[name] = read_images(spec, m.resolution, m.in_channels, a.ood_n, allow_pipe=True)[0]
+        score = lambda x: energy_scores([model], x, m.num_classes, "min")
+        metrics.update({f"ood/auroc_{k}": v for k, v in aurocs(score(x_in), {k: score(x) for k, x in sources.items()}).items()})
+    if "restore" in a.tasks:
+        for split, spec in (("train", train_spec), ("test", a.test_shards)):
+            x, y = read_images(spec, m.resolution, m.in_channels, a.restore_n, allow_pipe=allow_pipe or split == "test")
+            labels = y if m.num_classes > 0 else None
+            for name, fn in (("inpaint", release_inpaint), ("denoise", release_denoise)):
+                res, out = fn(model, x, labels, s.step_size, s.noise, seed=a.seed, prefix=f"{name}_{split}")
+                metrics.update(res)
+                if split == "test":
+                    report.image(name, image_grid(np.concatenate([x[:16], out[:16]]), nrow=16))
+    report.add(metrics, **info)
+    out = report.finish()
+    key = a.paper or cfg.run.name
+    table = markdown_table(out["metrics"], PAPER.get(key, {}), f"{run} step {step} (paper: {key if key in PAPER else 'none'})")
+    md = Path(out["json"]).with_suffix(".md")
+    md.write_text(table)
+    print(table)
+    out["markdown"] = str(md)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -182,6 +247,27 @@ def main(argv=None) -> int:
                    help="other datasets' shards, fitted to the model's size, e.g. svhn=data/svhn/manifest.json")
     c.add_argument("--score", choices=["min", "marginal"], default="min",
                    help="conditional models: min over classes of E(x, y) (the release) or -log sum_y exp(-E(x, y))")
+    c = sub.add_parser("paper", parents=[common], help="the release's whole protocol, beside the paper's numbers")
+    c.add_argument("run", help="run folder (latest committed checkpoint) or a checkpoint folder")
+    c.add_argument("--test-shards", required=True, help="the held-out split (e.g. CIFAR-10 test): OOD in-distribution "
+                   "images and the held-out restoration images")
+    c.add_argument("--train-shards", help="training images for restoration (default: the run's data.shards)")
+    c.add_argument("--fid-shards", help="FID reference (the release: CIFAR-10 train + test, 'A::B'; default: the "
+                   "run's data.shards)")
+    c.add_argument("--tasks", nargs="+", choices=["sample", "ood", "restore"], default=["sample", "ood", "restore"])
+    c.add_argument("--inception", help="Inception weights file (the paper's IS/FID)")
+    c.add_argument("--classifier", help="a classifier from `digits-classifier` as the feature network instead")
+    c.add_argument("--ensemble", type=int, default=10, help="the last K checkpoints, cycled (the release: 10)")
+    c.add_argument("--n", type=int, default=50000, help="samples for IS/FID (the release: 50,000)")
+    c.add_argument("--iterations", type=int, help="sampling iterations per 1,000 images (default 200, the release)")
+    c.add_argument("--batch", type=int, help="chains per iteration (default 512)")
+    c.add_argument("--buffer-size", type=int, help="images per buffer (default 1000)")
+    c.add_argument("--ood-n", type=int, default=10000, help="images per OOD source")
+    c.add_argument("--source", nargs="*", default=[], metavar="NAME=SHARDS", help="OOD datasets, e.g. svhn=...")
+    c.add_argument("--restore-n", type=int, default=10000, help="images per split for inpainting/denoising")
+    c.add_argument("--paper", choices=["cifar10", "cifar10_uncond", "imagenet128"],
+                   help="whose published numbers go beside ours (default: the run's run.name)")
+    c.add_argument("--precision", choices=["train", "fp32", "bf16", "fp16"], default="train")
     c = sub.choices["restore"]
     c.add_argument("--task", nargs="+", choices=["inpaint", "denoise"], default=["inpaint", "denoise"])
     c.add_argument("--n", type=int, default=100, help="images")
@@ -193,7 +279,7 @@ def main(argv=None) -> int:
     c.add_argument("--grad-clip", type=float, help="default: training's; 0 = none")
     a = p.parse_args(argv)
     out = {"digits-classifier": cmd_digits_classifier, "fid": cmd_fid, "is": lambda a: cmd_fid(a, with_fid=False),
-     "accuracy": cmd_accuracy, "ood": cmd_ood, "restore": cmd_restore}[a.cmd](a)
+     "accuracy": cmd_accuracy, "ood": cmd_ood, "restore": cmd_restore, "paper": cmd_paper}[a.cmd](a)
     for k, v in out.get("metrics", out).items():
         print(f"{k}: {v:.4f}")
     if "task" in out:

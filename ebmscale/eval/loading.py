@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ebmscale.config import from_yaml_file
-from ebmscale.models import build_model
+from ebmscale.models import build_model, set_dropout
 from ebmscale.train.checkpoint import Checkpointer, committed, healthy_checkpoints, latest
 
 
@@ -49,6 +49,7 @@ def load_energy_model(path: str | Path, device: str | torch.device = "cpu"):
     if set(missing):  # spectral-norm power-iteration vectors live in the module states, not ZeRO's fp32 copy
         module_sd = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
         model.load_state_dict({k: module_sd[k].float() for k in missing}, strict=False)
+    set_dropout(model, False)  # the release samples ResNet32Large with train=False: no dropout in evaluation
     return model.to(device).eval(), cfg, ckpt, int(state["step"])
 
 

@@ -1,3 +1,3 @@
-from ebmscale.models.resnet import ARCH_BLOCKS, EnergyModel, build_model, count_parameters
+from ebmscale.models.resnet import ARCH_BLOCKS, EnergyModel, build_model, count_parameters, set_dropout
 
-__all__ = ["ARCH_BLOCKS", "EnergyModel", "build_model", "count_parameters"]
+__all__ = ["ARCH_BLOCKS", "EnergyModel", "build_model", "count_parameters", "set_dropout"]
