@@ -223,3 +223,27 @@ def test_release_buffer_codec_shrinks_and_ours_does_not():
         got = b.sample(4000)[0].mean().item()
         assert abs(got - mean) < 2e-4, (codec, got)
     assert load_config(CONFIG_DIR / "cifar10.yaml").buffer.codec == "release"
+
+
+@pytest.mark.parametrize("override, words", [("recipe=icd", "paper, ebmscale"), ("model.residual=zero", "release, scaled"),
+                                              ("buffer.labels=random", "batch, stored"), ("model.shortcut_kernel=5", "1, 3")])
+def test_bad_recipe_values_name_the_key(override, words):
+    from ebmscale.config import ConfigError
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIG_DIR / "cifar10.yaml", [override])
+    assert override.split("=")[0] in str(e.value) and words in str(e.value)
+
+
+def test_a_run_written_before_recipes_reloads_as_ebmscale(tmp_path):
+    from omegaconf import OmegaConf
+    from ebmscale.config import from_yaml_file
+    cfg = OmegaConf.to_container(load_config(CONFIG_DIR / "digits.yaml"))
+    for section, keys in (("model", ("shortcut_kernel", "conv_bias", "pool_activation", "first_block_activation",
+                                     "dropout", "residual", "class_gain_bias")), ("buffer", ("labels", "codec")),
+                          ("optim", ("official_clip",))):
+        for k in keys:
+            del cfg[section][k]
+    del cfg["recipe"]
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    old = from_yaml_file(tmp_path / "config.yaml")
+    assert (old.recipe, old.model.residual, old.model.shortcut_kernel, old.buffer.labels) == ("ebmscale", "scaled", 1, "stored")
