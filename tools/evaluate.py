@@ -267,7 +267,8 @@ def main(argv=None) -> int:
     c.add_argument("--restore-n", type=int, default=10000, help="images per split for inpainting/denoising")
     c.add_argument("--paper", choices=["cifar10", "cifar10_uncond", "imagenet128"],
                    help="whose published numbers go beside ours (default: the run's run.name)")
-    c.add_argument("--precision", choices=["train", "fp32", "bf16", "fp16"], default="train")
+    c.add_argument("--precision", choices=["auto", "train", "fp32", "bf16", "fp16"], default="auto",
+                   help="model compute (chains stay fp32): auto = this hardware's native, train = the run's")
     c = sub.choices["restore"]
     c.add_argument("--task", nargs="+", choices=["inpaint", "denoise"], default=["inpaint", "denoise"])
     c.add_argument("--n", type=int, default=100, help="images")
