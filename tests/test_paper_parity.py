@@ -142,7 +142,7 @@ def test_activation_before_the_pool_is_the_releases(config, overrides, pool):
     assert type(model.pool_act) is pool
     if pool is nn.ReLU:  # every feature summed into fc5 is >= 0; ebmscale's leaky-relu lets negatives through
         seen = []
-        model.fc.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        model.pool_act.register_forward_hook(lambda m, a, out: seen.append(out))
         res = model.resolution
         y = torch.arange(4) % max(model.num_classes, 1)
         with torch.no_grad():
