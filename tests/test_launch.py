@@ -413,3 +413,10 @@ def test_a_finished_job_exits_while_its_data_stream_is_still_referenced(tmp_path
         raise AssertionError(f"the job did not exit after training:\n{proc.communicate()[0][-3000:]}")
     assert proc.returncode == 0, out
     assert (run / "checkpoints" / "step_000000006" / "COMMITTED").exists()
+
+
+def test_gres_gpus_reads_sinfos_gpu_counts():
+    from ebmscale.launch.checks import gres_gpus
+    assert gres_gpus("gpu:8") == 8 and gres_gpus("gpu:a100:4(S:0-1)") == 4
+    assert gres_gpus("gpu:a100:4(S:0-1),gpu:v100:2") == 6 and gres_gpus("(null)") == 0
+    assert gres_gpus("craynetwork:4,gpu:h100:8(S:0-1)") == 8

@@ -197,6 +197,7 @@ def test_time_limit_requeues_then_stops_at_max_requeues(tmp_path, shards):
     (["data.shards=/nonexistent/x-{000000..000003}.tar"], "data.shards"),
     (["--nodes", "9"], "launcher.nodes"),
     (["launcher.cpus_per_task=64"], "launcher.cpus_per_task"),
+    (["--gpus-per-node", "1"], "launcher.gpus_per_node"),  # the test cluster's nodes have no GPUs
     (["--partition", "nosuchpart"], "launcher.partition"),
 ])
 def test_config_error_reported_before_any_job_exists(tmp_path, shards, args, key):

@@ -205,7 +205,7 @@ def check_slurm_resources(cfg: DictConfig) -> List[str]:
     lc = cfg.launcher
     if not shutil.which("sinfo"):
         return []
-    cmd = ["sinfo", "-h", "-N", "-o", "%N|%c|%P"]
+    cmd = ["sinfo", "-h", "-N", "-o", "%N|%c|%P|%G"]
     if lc.partition:
         cmd += ["-p", lc.partition]
     try:
@@ -214,12 +214,13 @@ def check_slurm_resources(cfg: DictConfig) -> List[str]:
         return []
     if res.returncode != 0:
         return []
-    nodes = {}
+    nodes, gpus = {}, {}
     for line in res.stdout.split("\n"):
         parts = line.strip().split("|")
-        if len(parts) == 3 and parts[1].isdigit():
+        if len(parts) == 4 and parts[1].isdigit():
             if lc.partition or parts[2].endswith("*"):
                 nodes[parts[0]] = int(parts[1])
+                gpus[parts[0]] = gres_gpus(parts[3])
     if not nodes:
         if lc.partition:
             raise ConfigError(f"launcher.partition: SLURM has no partition '{lc.partition}' (sinfo lists none); "
@@ -234,7 +235,23 @@ def check_slurm_resources(cfg: DictConfig) -> List[str]:
         raise ConfigError(f"launcher.cpus_per_task={lc.cpus_per_task} x {tasks_per_node(lc)} task(s) per node = "
                           f"{need} CPUs, but {where} has nodes with at most {big} CPUs (for {lc.nodes} node(s)); "
                           f"lower launcher.cpus_per_task")
+    if lc.gpus_per_node > 0:
+        most = sorted(gpus.values(), reverse=True)[lc.nodes - 1]
+        if lc.gpus_per_node > most:
+            raise ConfigError(f"launcher.gpus_per_node={lc.gpus_per_node}: {where} has nodes with at most {most} "
+                              f"GPU(s) for {lc.nodes} node(s) (sinfo's GRES); pick a GPU partition (--partition) "
+                              f"or lower --gpus-per-node")
     return []
+
+
+def gres_gpus(gres: str) -> int:
+    """GPUs in one node's sinfo %G: 'gpu:8', 'gpu:a100:4(S:0-1),gpu:v100:2' -> 8, 6; '(null)' -> 0."""
+    total = 0
+    for item in gres.split(","):
+        fields = item.split("(")[0].split(":")
+        if fields[0] == "gpu" and len(fields) >= 2 and fields[-1].isdigit():
+            total += int(fields[-1])
+    return total
 
 
 def preflight(cfg: DictConfig, mode: str, nproc: int, world: int, skip=(), dry_run: bool = False,
