@@ -134,7 +134,7 @@ def test_fp16_chains_move_where_unscaled_input_gradients_underflow():
             self.conv = conv
 
         def forward(self, x, y=None):
-            return self.conv(x).pow(2).sum((1, 2, 3)) * 1e-4
+            return self.conv(x.to(self.conv.weight.dtype)).pow(2).sum((1, 2, 3)) * 1e-4  # casts as EnergyModel
 
     x0 = torch.full((2, 1, 8, 8), 0.5)
     ref, _ = langevin(model_energy(Tiny(), None, torch.float32), x0, steps=3, step_size=1e8, noise=0.0)

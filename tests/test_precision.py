@@ -98,7 +98,8 @@ def test_a_run_resolves_auto_once_and_records_it(tmp_path, digits_shards):
     want = resolve("auto", hw).precision
     record = json.loads((run / "precision.json").read_text())
     assert record["precision"] == want and record["requested"] == "auto" and "native bf16" in record["reason"]
-    assert f"train.precision: {want}" in (run / "config.yaml").read_text()
+    from ebmscale.config import from_yaml_file
+    assert from_yaml_file(run / "config.yaml").train.precision == want
     assert f"precision {want} (train.precision=auto)" in res.stdout + res.stderr
     state = json.loads(next(run.glob("checkpoints/step_*/trainer.json")).read_text())
     assert state["precision"] == want
