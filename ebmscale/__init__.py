@@ -15,3 +15,10 @@ if "DS_ACCELERATOR" not in os.environ:
         os.environ["DS_ACCELERATOR"] = os.environ["EBMSCALE_SET_DS_ACCELERATOR"] = "cpu"
 
 __version__ = "0.1.0"
+
+
+def load_model(path, device="cpu"):
+    """An energy model in eval mode from an `ebmscale export` folder (torch + safetensors only), a run folder or a
+    checkpoint folder."""
+    from ebmscale.export import load_model as load
+    return load(path, device)

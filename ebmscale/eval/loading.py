@@ -36,7 +36,12 @@ def fp32_state_dict(ckpt: Path, zero_stage: int) -> dict:
 
 
 def load_energy_model(path: str | Path, device: str | torch.device = "cpu"):
-    """Returns (model in eval mode, fp32, on device; config; checkpoint folder; step)."""
+    """Returns (model in eval mode, fp32, on device; config; checkpoint folder; step). `path` may also be a folder
+    written by `ebmscale export` (its config has the exported sections, the rest schema defaults)."""
+    from ebmscale.export import is_exported, load_exported
+    if is_exported(path):
+        model, cfg, step = load_exported(path, device)
+        return model, cfg, Path(path), step
     run, ckpt = resolve_checkpoint(path)
     cfg = from_yaml_file(run / "config.yaml")
     state = Checkpointer.read_trainer_state(ckpt)
@@ -57,6 +62,11 @@ def load_ensemble(path: str | Path, k: int = 1, device: str | torch.device = "cp
     """A historical ensemble: the model of `path` and the k - 1 committed checkpoints before it in its run.
     Returns (models, newest first; config; checkpoint folder; step) of the newest."""
     model, cfg, ckpt, step = load_energy_model(path, device)
+    if k == 1:
+        return [model], cfg, ckpt, step
+    from ebmscale.export import is_exported
+    if is_exported(path):
+        raise ValueError(f"--ensemble {k}: {path} is an exported model (one checkpoint); pass a run folder")
     run = resolve_checkpoint(path)[0]
     older = [p for p in healthy_checkpoints(run / "checkpoints") if int(p.name.split("_")[1]) < step][::-1][:k - 1]
     if len(older) < k - 1:

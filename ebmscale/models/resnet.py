@@ -150,6 +150,12 @@ class EnergyModel(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.fc = nn.Linear(cin, 1)
 
+    @classmethod
+    def from_pretrained(cls, folder, device="cpu", dtype: torch.dtype = torch.float32) -> "EnergyModel":
+        """A model written by `ebmscale export` (torch and safetensors only, no pickle; ebmscale/export.py)."""
+        from ebmscale.export import load_pretrained
+        return load_pretrained(folder, device, dtype)
+
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: [N, C, H, W] in [0, 1], best fp32 (the stem reads it in fp32); y: [N] class labels (ignored when
         unconditional) -> energies [N], fp32."""
