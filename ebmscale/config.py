@@ -5,7 +5,6 @@ config fails in seconds on the login node rather than after a queue wait.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +13,16 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-ARCHS = ("resnet32", "resnet32large", "resnet32wider", "resnet128")
+
+
+def shipped_dir(checkout: str, installed: str) -> Path:
+    """A folder shipped with ebmscale: top-level in a checkout (configs/, slurm/profiles/), inside the package when
+    installed non-editable (pyproject.toml maps them to ebmscale/configs, ebmscale/profiles)."""
+    here = Path(__file__).resolve().parent
+    return here / installed if (here / installed).is_dir() else here.parent / checkout
+
+
+CONFIG_DIR = shipped_dir("configs", "configs")
 ACTIVATIONS = ("leaky_relu", "swish")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: resolved per run by ebmscale/precision.py
 BUFFER_DTYPES = ("uint8", "fp16")
@@ -255,11 +262,21 @@ def load_config(path: Optional[str | Path] = None, overrides: List[str] = ()) ->
     return cfg
 
 
+def config_path(name: str | Path) -> Path:
+    """A config file: a path, or the name of a shipped config (`digits` = CONFIG_DIR/digits.yaml)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    shipped = CONFIG_DIR / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if path.parent == Path(".") or path.parent.name == "configs":  # `digits`, `digits.yaml`, `configs/digits.yaml`
+        if shipped.exists():
+            return shipped
+    names = ", ".join(p.stem for p in sorted(CONFIG_DIR.glob("*.yaml")) if p.stem != "base")
+    raise ConfigError(f"config file '{path}' does not exist; give a path or the name of a shipped config ({names})")
+
+
 def merge_file(cfg: DictConfig, path: str | Path) -> DictConfig:
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file '{path}' does not exist; ship one from configs/ "
-                          f"({', '.join(p.name for p in sorted(CONFIG_DIR.glob('*.yaml')))})")
+    path = config_path(path)
     return _merge(cfg, OmegaConf.load(path), str(path))
 
 
@@ -313,7 +330,8 @@ def validate(cfg: DictConfig) -> None:
         k = sorted(missing)[0]
         raise ConfigError(f"{k}: required but not set; give it in the config or as {k}=VALUE")
     m, s, b, d, o, t, c = cfg.model, cfg.sampler, cfg.buffer, cfg.data, cfg.optim, cfg.train, cfg.checkpoint
-    _check(m.arch in ARCHS, "model.arch", f"unknown architecture '{m.arch}'; allowed: {', '.join(ARCHS)}")
+    from ebmscale.models.resnet import ARCH_BLOCKS
+    _check(m.arch in ARCH_BLOCKS, "model.arch", f"unknown architecture '{m.arch}'; allowed: {', '.join(ARCH_BLOCKS)}")
     _check(m.activation in ACTIVATIONS, "model.activation",
            f"unknown activation '{m.activation}'; allowed: {', '.join(ACTIVATIONS)}")
     _check(m.filters > 0, "model.filters", f"must be > 0, got {m.filters}")
@@ -427,4 +445,5 @@ def from_yaml_file(path: str | Path) -> DictConfig:
     return cfg
 
 
-__all__ = [f.name for f in dataclasses.fields(Config)]
+__all__ = ["CONFIG_DIR", "Config", "ConfigError", "config_path", "flatten", "from_yaml_file", "load_config",
+           "merge_file", "merge_overrides", "run_dir", "to_yaml", "validate"]

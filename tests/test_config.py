@@ -64,3 +64,18 @@ def test_unknown_key_in_file(tmp_path):
     (tmp_path / "x.yaml").write_text("sampler:\n  stepz: 3\n")
     with pytest.raises(ConfigError, match=r"x.yaml.*sampler.stepz.*steps"):
         load_config(tmp_path / "x.yaml")
+
+
+def test_config_by_name_or_path_and_star_import():
+    from ebmscale.config import CONFIG_DIR, config_path
+    assert config_path("digits") == config_path("digits.yaml") == CONFIG_DIR / "digits.yaml"
+    assert load_config("digits").model.resolution == 16
+    with pytest.raises(ConfigError, match=r"name of a shipped config \(cifar10, .*digits"):
+        load_config("digitz")
+    exec("from ebmscale.config import *", {})  # every name in __all__ exists
+
+
+def test_one_list_of_architectures():
+    from ebmscale.models.resnet import ARCH_BLOCKS
+    with pytest.raises(ConfigError, match="model.arch: unknown architecture 'vgg'; allowed: " + ", ".join(ARCH_BLOCKS)):
+        load_config("digits", ["model.arch=vgg"])

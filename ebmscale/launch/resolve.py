@@ -13,10 +13,10 @@ from typing import Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from ebmscale.config import CONFIG_DIR, Config, ConfigError, _merge, merge_file, merge_overrides, resolve_recipe, validate
+from ebmscale.config import (CONFIG_DIR, Config, ConfigError, _merge, merge_file, merge_overrides, resolve_recipe,
+                             shipped_dir, validate)
 
-PROFILE_DIR = Path(os.environ.get("EBMSCALE_PROFILE_DIR") or
-                   Path(__file__).resolve().parent.parent.parent / "slurm" / "profiles")
+PROFILE_DIR = Path(os.environ.get("EBMSCALE_PROFILE_DIR") or shipped_dir("slurm/profiles", "profiles"))
 
 # argparse dest -> config key
 FLAG_KEYS = {
