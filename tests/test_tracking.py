@@ -184,3 +184,16 @@ def test_pictures(tmp_path):
     assert Image.open(path).n_frames == 4
     hist = energy_histogram(torch.randn(100), np.r_[np.random.randn(100), np.inf])
     assert hist.dtype == np.uint8 and hist.ndim == 3 and hist.shape[2] == 3
+
+
+def test_experiment_opens_in_the_model_training_view(tmp_path):
+    """MLflow 3 reads an experiment's kind from the `mlflow.experimentKind` tag; ebmscale's are model training.
+    An experiment made without it (by hand, or an older ebmscale) gets it on the next run."""
+    from mlflow.tracking import MlflowClient
+    t = launch(config(experiment="kind"), tmp_path / "runs" / "a")
+    t.finish("FINISHED")
+    client = MlflowClient(t.tracking_uri)
+    assert client.get_experiment_by_name("kind").tags["mlflow.experimentKind"] == "custom_model_development"
+    bare = client.create_experiment("bare")
+    launch(config(experiment="bare"), tmp_path / "runs" / "b").finish("FINISHED")
+    assert client.get_experiment(bare).tags["mlflow.experimentKind"] == "custom_model_development"

@@ -52,6 +52,11 @@ MAX_BATCH = 1000  # MLflow's log_batch limit on metrics (params and tags: 100)
 KILLED_AFTER_S = 15.0  # see "Status" above; under torchrun's 30 s from SIGTERM to SIGKILL
 
 
+# MLflow 3 keeps an experiment's kind in this tag: "custom_model_development" is its "Model training" view (the
+# other kinds are GenAI ones). MLflow 3.17's UI decides by its own workflow switch instead (the "GenAI / Model
+# training" toggle, remembered by the browser, or ?workflowType=machine_learning in the page's address).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
 def _warn(msg: str) -> None:
     print(f"[tracking] {msg}", file=sys.stderr, flush=True)
 
@@ -395,12 +400,15 @@ class MlflowTracker:
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
                 c.restore_experiment(exp.experiment_id)
+            if EXPERIMENT_KIND[0] not in exp.tags:  # made by an older ebmscale, or by hand: say what it holds
+                c.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
             return exp.experiment_id
         location = None
         if self.tracking_uri.startswith("sqlite:///"):  # else artifacts would land in ./mlruns of the cwd
             location = (Path(self.tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
         try:
-            return c.create_experiment(self.cfg.experiment, artifact_location=location)
+            return c.create_experiment(self.cfg.experiment, artifact_location=location,
+                                       tags=dict([EXPERIMENT_KIND]))
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":  # another run created it first
                 raise
