@@ -57,7 +57,9 @@ def format_status(s: dict) -> str:
              f"checkpoints {', '.join(str(c['step']) for c in s['checkpoints']) or 'none'}"
              + (f"   (partial, ignored: {', '.join(s['partial_checkpoints'])})" if s["partial_checkpoints"] else ""),
              f"MLflow     run {s['mlflow_run_id']} at {s['tracking_uri']}",
-             f"           open: {s['mlflow_ui']}" if s["mlflow_ui"] else ""]
+             f"           open: {s['mlflow_ui']}" if s["mlflow_ui"] else "",
+             "           (MLflow 3.17+: choose 'Model training' in the UI's workflow switch, or add "
+             "?workflowType=machine_learning to the page address)" if s["mlflow_ui"] else ""]
     if s["log"]:
         lines += [f"log        {s['log']}"] + [f"  | {l}" for l in s["last_log_lines"]]
     return "\n".join(l for l in lines if l)
