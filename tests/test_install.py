@@ -3,6 +3,7 @@ the demo config by name (`ebmscale launch --local digits`, a few steps), `ebmsca
 `EnergyModel.from_pretrained` giving the run's energies. The venv reuses this interpreter's site-packages through a
 .pth file (torch, DeepSpeed, ... are not installed again), so the test costs the build plus a tiny run."""
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -30,7 +31,14 @@ def test_pip_install_then_demo_by_name_from_an_empty_folder(tmp_path):
                                 "['purelib'])"], capture_output=True, text=True, check=True).stdout.strip())
     (site / "reuse_base.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PATH=f"{venv / 'bin'}:{env['PATH']}")
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+               PATH=f"{venv / 'bin'}:{Path(sys.executable).parent}:{env['PATH']}")  # this env's ninja
+    # DeepSpeed's compiled CPU ops: a copy of the machine's cache, so that a rebuild for the new interpreter (and a
+    # lock left by a killed build) stays in this test
+    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    if cache.is_dir():
+        shutil.copytree(cache, tmp_path / "torch_extensions", ignore=shutil.ignore_patterns("lock"))
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "torch_extensions")
     run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q", "--no-deps",
          "--no-build-isolation", str(ROOT)], tmp_path, env)
     installed = time.monotonic() - t0
