@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 LOG_NAME = "launcher.log"
 
 
-SHIELDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+SHIELDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)  # SIGINT: a terminal's Ctrl-C
 
 
 def shield_helper_processes(forkserver: bool = True) -> None:
@@ -132,6 +132,7 @@ class TrainJob:
         preempt_sig = env._usr_sig()
         stop.clear()
         stop.install_handlers((preempt_sig, signal.SIGTERM))
+        stop.install_interrupt_handler()  # a terminal's Ctrl-C reaches every task of a --local job
         shield_helper_processes(forkserver=self.cfg.get("data", {}).get("workers", 0) > 0)
 
         restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)

@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -170,12 +171,16 @@ def submit_local(cfg: DictConfig, nproc: int, ngpu: int):
     if ngpu and _visible_gpus():
         params["visible_gpus"] = _visible_gpus()
     ex.update_parameters(**params)
+    # submitit's controller must outlive a Ctrl-C (it would kill the tasks at once): it and the tasks start with
+    # SIGINT ignored, and the tasks turn it into a stop request (job.TrainJob, stop.install_interrupt_handler)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         with scrubbed_env():
             os.environ["MASTER_ADDR"] = "127.0.0.1"  # one rendezvous for this launch: the tasks get our environment
             os.environ["MASTER_PORT"] = str(free_port())
             job = ex.submit(TrainJob(cfg))
     finally:
+        signal.signal(signal.SIGINT, previous)
         for k in ("MASTER_ADDR", "MASTER_PORT"):
             os.environ.pop(k, None)
     write_launch_info(out, {"executor": "local", "job_id": job.job_id, "pid": job.job_id, "ntasks": nproc,
@@ -208,10 +213,12 @@ def tail(path: Path, n: int = 40) -> str:
 
 
 class LogFollower:
-    """Prints what a log file gains (the rank-0 log while waiting)."""
+    """Prints what a log file gains (the rank-0 log while waiting), line by line through progress.Console: plain
+    lines in a file or pipe, a live progress bar in a terminal."""
 
     def __init__(self, path: Path, enabled: bool = True) -> None:
-        self.path, self.pos, self.enabled = path, 0, enabled
+        from ebmscale.progress import Console
+        self.path, self.pos, self.enabled, self.console = path, 0, enabled, Console()
 
     def poll(self) -> None:
         if not self.enabled or not self.path.exists():
@@ -222,9 +229,13 @@ class LogFollower:
         if data:
             cut = data.rfind(b"\n") + 1  # whole lines only
             if cut:
-                sys.stdout.write(data[:cut].decode(errors="replace"))
-                sys.stdout.flush()
+                for line in data[:cut].decode(errors="replace").splitlines():
+                    self.console.line(line)
                 self.pos += cut
+
+    def close(self) -> None:
+        self.poll()
+        self.console.close()
 
 
 _PEER_ERRORS = ("Connection closed by peer", "Connection reset by peer", "timed out", "Timeout", "NCCL",
@@ -267,9 +278,28 @@ def report(folder: Path, job_id: str, ntasks: int, out: Path, state: str) -> int
     return 1
 
 
+def stop_now(job) -> None:
+    """SIGKILL the tasks of a --local job, then its controller (the second Ctrl-C)."""
+    import psutil
+    proc = getattr(job, "_process", None)
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=10)
+
+
 def wait_local(job, nproc: int, out: Path, follow: bool = True, peer_grace_s: float = 30.0) -> int:
-    """Wait for a --local job. SIGTERM to the launcher stops the job gracefully (submitit's controller
-    forwards it to every task: they checkpoint and exit); Ctrl-C stops it at once."""
+    """Wait for a --local job. SIGTERM to the launcher, or a first Ctrl-C, stops the job gracefully (submitit's
+    controller forwards SIGTERM to every task: they checkpoint at the next step boundary and exit); a second
+    Ctrl-C stops it at once."""
     import signal as _signal
     folder = submitit_folder(out)
     follower = LogFollower(_log_path(folder, job.job_id, 0), follow)
@@ -281,25 +311,37 @@ def wait_local(job, nproc: int, out: Path, follow: bool = True, peer_grace_s: fl
         if proc is not None and proc.poll() is None:
             proc.send_signal(_signal.SIGTERM)
     previous = _signal.signal(_signal.SIGTERM, forward_term)
+    interrupted = False
     try:
-        while not job.done():
-            follower.poll()
-            # a crashed rank leaves the others blocked in a collective: stop the job after a grace period
-            if any(task_result(folder, job.job_id, r)[0] == "error" for r in range(nproc)):
-                first_error = first_error or time.time()
-                if time.time() - first_error > peer_grace_s:
-                    job.cancel()
-                    time.sleep(2)
+        while True:
+            try:
+                if job.done():
                     break
-            time.sleep(0.5)
+                follower.poll()
+                # a crashed rank leaves the others blocked in a collective: stop the job after a grace period
+                if any(task_result(folder, job.job_id, r)[0] == "error" for r in range(nproc)):
+                    first_error = first_error or time.time()
+                    if time.time() - first_error > peer_grace_s:
+                        job.cancel()
+                        time.sleep(2)
+                        break
+                time.sleep(0.5)
+            except KeyboardInterrupt:
+                if interrupted:
+                    raise
+                interrupted = True
+                print("\n[launch] Ctrl-C: stopping at the next step boundary, saving a checkpoint (Ctrl-C again "
+                      "to stop now)", file=sys.stderr, flush=True)
+                forward_term(_signal.SIGTERM, None)  # the tasks had it from the terminal too, unless sent to us alone
     except KeyboardInterrupt:
-        job.cancel()
-        print(f"\ninterrupted: the local job was stopped. Relaunch the same command to resume from the last "
+        follower.close()
+        stop_now(job)
+        print(f"\ninterrupted: the local job was stopped now. Relaunch the same command to resume from the last "
               f"committed checkpoint in {out}", file=sys.stderr)
         return 130
     finally:
         _signal.signal(_signal.SIGTERM, previous)
-    follower.poll()
+    follower.close()
     return report(folder, job.job_id, nproc, out, job.state)
 
 
@@ -323,5 +365,5 @@ def wait_slurm(job_id: str, ntasks: int, out: Path, follow: bool = True, poll_s:
         print(f"\nstopped waiting; job {job_id} keeps running (scancel {job_id} to stop it)", file=sys.stderr)
         return 130
     time.sleep(1)
-    follower.poll()
+    follower.close()
     return report(folder, job_id, ntasks, out, state)

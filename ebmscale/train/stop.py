@@ -38,3 +38,13 @@ def install_handlers(signals=(signal.SIGUSR1, signal.SIGTERM)) -> None:
     """Turn these signals into a stop request (call from the main thread)."""
     for sig in signals:
         signal.signal(sig, lambda signum, _frame: request_stop(signal.Signals(signum).name))
+
+
+def install_interrupt_handler() -> None:
+    """Ctrl-C twice: the first SIGINT is a stop request (a committed checkpoint at the next step boundary), the
+    second raises KeyboardInterrupt (stop now)."""
+    def on_sigint(signum, frame):
+        if stop_reason() == "SIGINT":
+            raise KeyboardInterrupt
+        request_stop("SIGINT")
+    signal.signal(signal.SIGINT, on_sigint)

@@ -5,6 +5,7 @@ The trainer receives built components; it never reads raw config to construct th
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -15,6 +16,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from ebmscale.buffer import ReplayBuffer
+from ebmscale.progress import progress_line
 from ebmscale.sampling import frozen, langevin, model_energy
 from ebmscale.train import faults, stop
 from ebmscale.train.checkpoint import Checkpointer, healthy_checkpoints
@@ -85,7 +87,10 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self) -> stop.Outcome:
         steps = self.cfg.train.steps
-        bar = tqdm(total=steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True, desc="train")
+        # the live bar only in a terminal; a log file gets plain progress lines (log_step)
+        bar = tqdm(total=steps, initial=self.step, disable=self.rank != 0 or not sys.stderr.isatty(),
+                   dynamic_ncols=True, desc="train")
+        self._started = (time.perf_counter(), self.step)
         data = iter(self.stream)
         self._window = [time.perf_counter(), 0, 0.0]  # since the last log: start, images, data seconds
         self.apply_remedies()
@@ -139,6 +144,11 @@ class Trainer:
             if self.rank == 0:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", Epos=f"{metrics['e_pos']:.3f}",
                                 Eneg=f"{metrics['e_neg']:.3f}", ips=f"{metrics['images_per_s']:.1f}")
+                if bar.disable:
+                    t0, step0 = self._started
+                    done = self.step - step0
+                    eta = (steps - self.step) * (time.perf_counter() - t0) / done if done > 0 else None
+                    print(progress_line(self.step, steps, metrics, eta, self.cfg.train.precision), flush=True)
                 self.tracker.log_metrics(metrics, step=self.step)
                 with open(self.run_dir / "logs" / "metrics.jsonl", "a") as f:
                     f.write(json.dumps({"step": self.step, **metrics}) + "\n")
