@@ -35,7 +35,8 @@ def train(run_dir: Path, shards: Path, *overrides: str, nproc: int = 2, env: dic
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "ebmscale.train.main", str(ROOT / "configs" / "digits.yaml"), f"run.dir={run_dir}",
            f"data.shards={shards}/digits-{{000000..000003}}.tar", *TINY, *overrides]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "EBMSCALE_LOG_RANKS": "all",
+                **(env or {})}  # tests read every rank's messages
     res = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and res.returncode != 0:
         raise AssertionError(f"trainer failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")

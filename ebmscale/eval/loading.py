@@ -1,15 +1,17 @@
 """Load a trained energy model (and its replay buffer) from a run folder, without DeepSpeed's engine."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from ebmscale.config import from_yaml_file
+from ebmscale.log import get_logger
 from ebmscale.models import build_model, set_dropout
 from ebmscale.train.checkpoint import Checkpointer, committed, healthy_checkpoints, latest
+
+log = get_logger(__name__)
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
@@ -22,8 +24,8 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
         raise FileNotFoundError(f"{path} holds no {'healthy ' if newest else ''}committed checkpoint (looked in "
                                 f"{path / 'checkpoints'}); train first, or pass a checkpoint folder")
     if ckpt != newest:
-        print(f"{newest.name} was marked unhealthy by the stability guard; using {ckpt.name} (pass {newest} to "
-              f"use it anyway)", file=sys.stderr)
+        log.warning(f"{newest.name} was marked unhealthy by the stability guard; using {ckpt.name} (pass {newest} "
+                    f"to use it anyway)")
     return path, ckpt
 
 

@@ -4,16 +4,19 @@ fails the evaluation: if the store is unreachable it warns, and the JSON still h
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from ebmscale.log import get_logger
+
+log = get_logger(__name__)
+
 
 def _warn(msg: str) -> None:
-    print(f"[eval] {msg}", file=sys.stderr, flush=True)
+    log.warning(f"[eval] {msg}")
 
 
 class Report:

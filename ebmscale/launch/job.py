@@ -35,6 +35,9 @@ from typing import Any, Callable, Dict, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from ebmscale.log import get_logger, setup as setup_logging
+
+log = get_logger(__name__)
 LOG_NAME = "launcher.log"
 
 
@@ -63,7 +66,7 @@ def shield_helper_processes(forkserver: bool = True) -> None:
             mp.get_context("forkserver").set_forkserver_preload(list(FORKSERVER_PRELOAD))
             fs.ensure_running()
     except Exception as e:  # pragma: no cover - never fatal
-        print(f"[ebmscale.launch] could not pre-start helper processes: {e}", flush=True)
+        log.warning(f"launch: could not pre-start helper processes: {e}")
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
@@ -76,13 +79,13 @@ def log_line(run_dir: Path, msg: str) -> None:
     """Append one timestamped line to RUN_DIR/launcher.log (and echo it to the task's log)."""
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     line = f"{stamp} {msg}"
-    print(f"[ebmscale.launch] {line}", flush=True)
+    log.info(f"launch: {line}")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / LOG_NAME, "a") as f:
             f.write(line + "\n")
     except OSError as e:  # never let bookkeeping kill a job
-        print(f"[ebmscale.launch] cannot write {run_dir / LOG_NAME}: {e}", flush=True)
+        log.warning(f"launch: cannot write {run_dir / LOG_NAME}: {e}")
 
 
 def load_entry(spec: str) -> Callable[[DictConfig], Any]:
@@ -129,6 +132,7 @@ class TrainJob:
 
         env = submitit.JobEnvironment()
         d = distributed.setup_env()
+        setup_logging(d.rank)
         preempt_sig = env._usr_sig()
         stop.clear()
         stop.install_handlers((preempt_sig, signal.SIGTERM))

@@ -36,7 +36,6 @@ its log steps (system.py) and logs them as ordinary metrics.
 import functools
 import json
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -44,7 +43,10 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from ebmscale.log import get_logger
 from ebmscale.tracking.spool import Spool
+
+log = get_logger(__name__)
 
 PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE",
              "BAD_REQUEST"}  # the store answered and said no: retrying would not help, so the record is dropped
@@ -57,8 +59,9 @@ KILLED_AFTER_S = 15.0  # see "Status" above; under torchrun's 30 s from SIGTERM 
 # training" toggle, remembered by the browser, or ?workflowType=machine_learning in the page's address).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
+
 def _warn(msg: str) -> None:
-    print(f"[tracking] {msg}", file=sys.stderr, flush=True)
+    log.warning(f"[tracking] {msg}")
 
 
 def _now_ms() -> int:

@@ -15,11 +15,14 @@ from __future__ import annotations
 import os
 import re
 import socket
-import sys
 import time
 from typing import Dict, Optional
 
 import psutil
+
+from ebmscale.log import get_logger
+
+log = get_logger(__name__)
 
 _sampler: Optional["NodeSampler"] = None
 
@@ -46,12 +49,11 @@ class NodeSampler:
             try:
                 import torch
                 if torch.cuda.is_available():
-                    print("[tracking] no GPU system metrics: install nvidia-ml-py (pynvml)", file=sys.stderr,
-                          flush=True)
+                    log.warning("[tracking] no GPU system metrics: install nvidia-ml-py (pynvml)")
             except Exception:
                 pass
         except Exception as e:
-            print(f"[tracking] no GPU system metrics: NVML: {e}", file=sys.stderr, flush=True)
+            log.warning(f"[tracking] no GPU system metrics: NVML: {e}")
         return []
 
     def sample(self) -> Dict[str, float]:

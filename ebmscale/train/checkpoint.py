@@ -25,7 +25,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ebmscale.log import get_logger
 from ebmscale.train import faults
+
+log = get_logger(__name__)
 
 COMMIT = "COMMITTED"
 
@@ -132,7 +135,7 @@ class Checkpointer:
             self.root.mkdir(parents=True, exist_ok=True)
             for p in self.root.iterdir():
                 if p.is_dir() and p.name.startswith("step_") and not committed(p):
-                    print(f"[ebmscale] removing partial checkpoint {p} (no {COMMIT} marker)", flush=True)
+                    log.warning(f"removing partial checkpoint {p} (no {COMMIT} marker)")
                     shutil.rmtree(p, ignore_errors=True)
             mode = self.cfg.resume
             if mode == "auto":

@@ -9,6 +9,10 @@ process, so a step that a guard rollback replays runs clean.
 import os
 import signal
 
+from ebmscale.log import get_logger
+
+log = get_logger(__name__)
+
 _fired: set = set()
 
 
@@ -23,5 +27,5 @@ def active(point: str, step: int, rank: int) -> bool:
 
 def maybe_kill(point: str, step: int, rank: int) -> None:
     if active(point, step, rank):
-        print(f"[ebmscale] fault injection: {point} at step {step} on rank {rank}", flush=True)
+        log.warning(f"fault injection: {point} at step {step} on rank {rank}")
         os.kill(os.getpid(), signal.SIGKILL)

@@ -25,6 +25,7 @@ from ebmscale import distributed, precision
 from ebmscale.buffer import ReplayBuffer, build_buffer, reshard
 from ebmscale.config import ConfigError, flatten, from_yaml_file, run_dir, to_yaml
 from ebmscale.data import build_stream
+from ebmscale.log import get_logger, setup as setup_logging
 from ebmscale.models import build_model
 from ebmscale.tracking import build_tracker, pictures
 from ebmscale.train import stop
@@ -34,12 +35,14 @@ from ebmscale.train.guard import GuardFailure, check_discard_supported
 from ebmscale.train.optim import build_optimizer
 from ebmscale.train.trainer import Trainer
 
+_log = get_logger(__name__)
+
 # keys that must not change when a run folder is resumed: they change what the checkpoint means
 FROZEN_KEYS = ("model", "buffer.dtype")
 
 
 def log(msg: str) -> None:
-    print(f"[ebmscale] {msg}", flush=True)
+    _log.info(msg)
 
 
 def prepare_run_dir(cfg, out: Path) -> None:
@@ -187,6 +190,7 @@ def build_engine(cfg, rank: int, ds_cfg: dict):
 
 def main(cfg) -> stop.Outcome:
     d = distributed.init(timeout_s=cfg.train.collective_timeout_s)
+    setup_logging(d.rank)
     torch.set_num_threads(cfg.train.threads or distributed.cpu_threads(d.local_world_size, cfg.data.workers))
     out = run_dir(cfg).resolve()
     if d.rank == 0:
@@ -227,7 +231,7 @@ def main(cfg) -> stop.Outcome:
         tracker.finish("KILLED")
         raise
     except GuardFailure as e:
-        log(f"rank {d.rank}: run FAILED: {e}")
+        _log.error(f"rank {d.rank}: run FAILED: {e}")
         tracker.finish("FAILED", reason=str(e))
         raise
     except BaseException:

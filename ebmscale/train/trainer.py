@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from ebmscale.buffer import ReplayBuffer
+from ebmscale.log import get_logger
 from ebmscale.progress import progress_line
 from ebmscale.sampling import frozen, langevin, model_energy
 from ebmscale.train import faults, stop
@@ -23,6 +24,8 @@ from ebmscale.train.checkpoint import Checkpointer, healthy_checkpoints
 from ebmscale.train.ds_config import compute_dtype
 from ebmscale.train.guard import SEVERITY, Guard, GuardFailure, Verdict, build_guard, discard_gradients
 from ebmscale.train.loss import cd_loss
+
+log = get_logger(__name__)
 
 
 class Trainer:
@@ -128,8 +131,8 @@ class Trainer:
     def preempt(self, bar) -> stop.Outcome:
         self.save()
         self.ckpt.commit(healthy=self.guard.healthy(self.step))
-        print(f"[ebmscale] rank {self.rank}: stop requested ({stop.stop_reason() or 'by a peer'}); "
-              f"checkpoint committed at step {self.step}", flush=True)
+        log.info(f"rank {self.rank}: stop requested ({stop.stop_reason() or 'by a peer'}); "
+                 f"checkpoint committed at step {self.step}")
         bar.close()
         return stop.Outcome.PREEMPTED
 
@@ -187,8 +190,8 @@ class Trainer:
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = changes["optim.lr"]
         if changes and self.rank == 0:
-            print(f"[ebmscale] guard: remedies in force: {', '.join(self.guard.remedies)} -> "
-                  f"{', '.join(f'{k}={v:.6g}' for k, v in changes.items())}", flush=True)
+            log.info(f"guard: remedies in force: {', '.join(self.guard.remedies)} -> "
+                     f"{', '.join(f'{k}={v:.6g}' for k, v in changes.items())}")
 
     def report(self, v: Verdict, action: str, target: Optional[Path] = None, note: Optional[str] = None) -> str:
         """One event: the console on every rank; MLflow (tag, metric, text) from rank 0. Returns the message."""
@@ -202,7 +205,7 @@ class Trainer:
         else:
             action_text = f"run stopped: {note}" if action == "stop" else action
         msg = f"step {v.step}: {', '.join(v.signals)} ({v.detail}) -> {action_text}"
-        print(f"[ebmscale] rank {self.rank}: guard: {msg}", flush=True)
+        log.warning(f"rank {self.rank}: guard: {msg}")
         if self.rank == 0:
             tags = {"guard.last_event": msg, "guard.rollbacks": g.rollbacks, "guard.skipped_steps": g.skipped,
                     "guard.remedies": ", ".join(g.remedies) or "none"}
