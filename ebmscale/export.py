@@ -165,6 +165,6 @@ def main(argv=None) -> int:
     try:
         out = export(a.run, a.out, a.dtype)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"export: {e}")
+        raise SystemExit(f"export: {e}") from None
     print(f"exported {a.run} -> {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return 0

@@ -410,7 +410,7 @@ def test_a_finished_job_exits_while_its_data_stream_is_still_referenced(tmp_path
         for pid in _task_pids(run / "logs" / "submitit"):
             os.kill(pid, signal.SIGKILL)
         proc.kill()
-        raise AssertionError(f"the job did not exit after training:\n{proc.communicate()[0][-3000:]}")
+        raise AssertionError(f"the job did not exit after training:\n{proc.communicate()[0][-3000:]}") from None
     assert proc.returncode == 0, out
     assert (run / "checkpoints" / "step_000000006" / "COMMITTED").exists()
 

@@ -21,7 +21,7 @@ from conftest import make_digits_shards
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = str(ROOT / "configs" / "digits.yaml")
 PROFILE = ["--profile", "local-test"]
-TINY = ["model.filters=8", "sampler.steps=5", "train.threads=1", "train.log_every=5", 
+TINY = ["model.filters=8", "sampler.steps=5", "train.threads=1", "train.log_every=5",
         "checkpoint.every=1000"]
 
 

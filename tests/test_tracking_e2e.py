@@ -46,7 +46,7 @@ def finish_train(proc, log: Path, timeout: float = 400, expect_rc=0) -> str:
         rc = proc.wait(timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError(f"trainer did not end in {timeout}s:\n{log.read_text(errors='replace')[-6000:]}")
+        raise AssertionError(f"trainer did not end in {timeout}s:\n{log.read_text(errors='replace')[-6000:]}") from None
     text = log.read_text(errors="replace")
     if expect_rc is not None and (rc == 0) != (expect_rc == 0):
         raise AssertionError(f"trainer exit code {rc}:\n{text[-6000:]}")

@@ -31,13 +31,13 @@ def add_args(p) -> None:
     p.add_argument("--images", type=positive, default=1024, help="photo crops written to shards")
     p.add_argument("--size", type=positive, default=128)
     p.add_argument("--batch-size", type=positive, default=16, help="per-rank batch (imagenet128.yaml: 16)")
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 2], 
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2],
                    help="data.workers settings to time (0 = in-process)")
     p.add_argument("--batches", type=positive, default=40, help="timed batches per setting, after a warm-up")
     p.add_argument("--step-seconds", type=float, default=0.15,
                    help="training step time to compare with: ResNet128 (filters 64), 50 Langevin steps on 16 images "
                         "is ~20 TFLOP, ~0.1-0.2 s on one H100/H200 in bf16")
-    p.add_argument("--loader-workers", type=positive, default=6, 
+    p.add_argument("--loader-workers", type=positive, default=6,
                    help="data.workers per rank in the run (imagenet128.yaml: 6)")
     p.add_argument("--dir", help="shard folder (default: a temporary one)")
     p.add_argument("--json", default="runs/bench/data.json")

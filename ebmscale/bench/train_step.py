@@ -150,7 +150,7 @@ def run(args) -> dict:
 
         def ebm(x, y):
             clock.clear()
-            out = trainer_step(trainer, x, y)
+            out = trainer_step(trainer, x, y)  # noqa: F821 (bound in the loop; deleted only after use)
             sync(dev)
             return {"sampling": out["t_sample"] - clock["buffer"], "buffer": clock["buffer"], "update": out["t_update"]}
 

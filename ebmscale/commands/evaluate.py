@@ -66,7 +66,7 @@ def cmd_fid(a, with_fid: bool = True) -> dict:
     try:
         net = feature_net(a.inception, a.classifier, device_of(a))
     except (ValueError, FileNotFoundError, ImportError) as e:
-        raise SystemExit(str(e))
+        raise SystemExit(str(e)) from None
     spec, allow_pipe = run_shards(run, a.shards)
     ref = reference_stats(net, spec, x.shape[2], x.shape[1], a.ref_limit, run, allow_pipe=allow_pipe) \
         if with_fid else None

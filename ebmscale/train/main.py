@@ -29,7 +29,7 @@ from ebmscale.log import get_logger, setup as setup_logging
 from ebmscale.models import build_model
 from ebmscale.tracking import build_tracker, pictures
 from ebmscale.train import stop
-from ebmscale.train.checkpoint import Checkpointer, broadcast, set_rng_state
+from ebmscale.train.checkpoint import Checkpointer, set_rng_state
 from ebmscale.train.ds_config import build_ds_config, compute_dtype
 from ebmscale.train.guard import GuardFailure, check_discard_supported
 from ebmscale.train.optim import build_optimizer
@@ -111,7 +111,8 @@ def fingerprint(obj) -> str:
     def feed(o):
         if isinstance(o, dict):
             for k in sorted(o):
-                h.update(str(k).encode()); feed(o[k])
+                h.update(str(k).encode())
+                feed(o[k])
         elif isinstance(o, (list, tuple)):
             for v in o:
                 feed(v)
