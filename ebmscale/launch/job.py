@@ -79,7 +79,7 @@ def log_line(run_dir: Path, msg: str) -> None:
     """Append one timestamped line to RUN_DIR/launcher.log (and echo it to the task's log)."""
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     line = f"{stamp} {msg}"
-    log.info(f"launch: {line}")
+    log.info(f"launch: {msg}")  # the logger stamps the time
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / LOG_NAME, "a") as f:
