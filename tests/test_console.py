@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, make_digits_shards
 from ebmscale.progress import LINE, Console, progress_line
 
 DIGITS = str(ROOT / "configs" / "digits.yaml")
@@ -37,6 +37,11 @@ def test_progress_line_plain_in_a_file_and_a_bar_in_a_terminal():
     console.close()
     shown = term.getvalue()
     assert "25/1500" in shown and "E+ -0.5000" in shown and "\r" in shown and "[ebmscale] checkpoint committed\n" in shown
+
+
+@pytest.fixture(scope="module")
+def digits_shards():
+    return make_digits_shards(ROOT / "data" / "digits")  # kept between sessions, as tests/test_launch.py does
 
 
 def _launch(run, shards, out_file, *extra):
