@@ -45,12 +45,15 @@ def digits_shards():
 
 
 def _launch(run, shards, out_file, *extra):
-    """The launcher as a terminal's foreground job: its own process group, which Ctrl-C signals as a whole."""
+    """The launcher as a terminal's foreground job: its own process group, which Ctrl-C signals as a whole, and
+    SIGINT not ignored (it is in background jobs of a non-interactive shell, which may be running these tests)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, str(ROOT / "tools" / "launch.py"), "--local", "--nproc", "2", DIGITS,
                              f"run.dir={run}", f"data.shards={shards}/digits-{{000000..000003}}.tar", *TINY,
                              "train.steps=100000", "checkpoint.every=100000", "tracking.enabled=false", *extra],
-                            cwd=ROOT, env=env, stdout=out_file, stderr=subprocess.STDOUT, start_new_session=True)
+                            cwd=ROOT, env=env, stdout=out_file, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal starts it
+
 
 
 def _wait_for(path, text, proc, timeout=600):  # a first start may JIT-build DeepSpeed's CPU ops
