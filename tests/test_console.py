@@ -56,7 +56,7 @@ def _launch(run, shards, out_file, *extra):
 
 
 
-def _wait_for(path, text, proc, timeout=600):  # a first start may JIT-build DeepSpeed's CPU ops
+def _wait_for(path, text, proc, timeout=900):  # a first start may JIT-build DeepSpeed's CPU ops
     deadline = time.time() + timeout
     while text not in path.read_text(errors="replace"):
         if proc.poll() is not None or time.time() > deadline:
