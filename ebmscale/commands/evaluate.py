@@ -161,7 +161,7 @@ def cmd_paper(a) -> dict:
         try:
             net = feature_net(a.inception, a.classifier, device_of(a))
         except (ValueError, FileNotFoundError, ImportError) as e:
-            raise SystemExit(str(e))
+            raise SystemExit(str(e)) from None
         sampling = {**RELEASE_SAMPLING, **{k: v for k, v in (("iterations", a.iterations), ("batch", a.batch),
                                                               ("buffer_size", a.buffer_size)) if v}}
         x, y = release_samples(models, a.n, m.num_classes, (m.in_channels, m.resolution, m.resolution),
