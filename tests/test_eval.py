@@ -10,16 +10,15 @@ import scipy.linalg
 import torch
 from sklearn.metrics import roc_auc_score
 
-from conftest import ROOT, train
+from conftest import train
 from ebmscale.config import from_yaml_file
 from ebmscale.eval.data import read_images
 from ebmscale.eval.fid import feature_net, fid_and_is, reference_stats
 from ebmscale.eval.metrics import auroc, frechet_distance, gaussian_stats, inception_score, psnr, roc_curve
 from ebmscale.eval.sample import sample_rounds
 
-sys.path.insert(0, str(ROOT / "tools"))
-import evaluate  # noqa: E402
-import sample as sample_tool  # noqa: E402
+from ebmscale.commands import evaluate  # tools/evaluate.py and tools/sample.py wrap these
+from ebmscale.commands import sample as sample_tool
 
 
 # ---- metrics against hand computations --------------------------------------------------------------------------
