@@ -9,9 +9,14 @@ Layout of `RUN/checkpoints/step_000500/`:
 `RUN/checkpoints/latest` names the newest committed folder and moves only after the commit.
 A folder without COMMITTED is a partial save (a crash mid-write): it is never resumed and is
 removed on the next start.
+
+What is saved is one list, `Trainer.components()` (as torchtitan's checkpointer): name -> (object with
+state_dict/load_state_dict, where). "rank" parts go to this rank's rank_*.pt, "shared" parts into trainer.json
+(rank 0); the engine (model + optimizer) is DeepSpeed's own files. `restore` loads the same list back.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -66,6 +71,18 @@ def latest(root: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
+class RNG:
+    """The process's random generators as a checkpoint component."""
+
+    @staticmethod
+    def state_dict() -> dict:
+        return rng_state()
+
+    @staticmethod
+    def load_state_dict(sd: dict) -> None:
+        set_rng_state(sd)
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -79,6 +96,26 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def fingerprint(obj) -> str:
+    """A short digest of tensors/arrays/values, printed on resume so a person (or a test) can check it."""
+    h = hashlib.sha256()
+    def feed(o):
+        if isinstance(o, dict):
+            for k in sorted(o):
+                h.update(str(k).encode()); feed(o[k])
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                feed(v)
+        elif isinstance(o, torch.Tensor):
+            h.update(o.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif hasattr(o, "tobytes"):
+            h.update(o.tobytes())
+        else:
+            h.update(repr(o).encode())
+    feed(obj)
+    return h.hexdigest()[:16]
 
 
 def _barrier() -> None:
@@ -148,6 +185,7 @@ class Checkpointer:
 
     # ---- saving -------------------------------------------------------------------------------
     def save(self, engine, step: int, rank_state: dict, trainer_state: dict) -> Path:
+        """DeepSpeed's files, then `rank_state` (this rank's file) and `trainer_state` (trainer.json, rank 0)."""
         self.commit()  # at most one save in flight
         t0 = time.perf_counter()
         folder = self.root / tag(step)
@@ -155,7 +193,6 @@ class Checkpointer:
         faults.maybe_kill("kill_in_save", step, self.rank)
         if self.rank == 0:
             _atomic_write(folder / "trainer.json", json.dumps(trainer_state, indent=1, default=str))
-        rank_state = {**rank_state, "rng": rng_state()}
         if self.cfg.async_buffer:
             thread = threading.Thread(target=self._write_rank_file, args=(folder, rank_state), daemon=True)
             thread.start()
@@ -236,3 +273,45 @@ class Checkpointer:
     def read_rank_files(folder: Path) -> list[dict]:
         files = sorted(folder.glob("rank_*.pt"))
         return [torch.load(f, map_location="cpu", weights_only=False, mmap=True) for f in files]
+
+
+def _log(msg: str) -> None:
+    print(f"[ebmscale] {msg}", flush=True)
+
+
+def restore(trainer, folder: Path, load_dir: Optional[Path] = None, data_and_rng: bool = True) -> None:
+    """Load `trainer.components()` from `folder` and the engine from `load_dir` (default `folder`; a universal
+    checkpoint for a new world size). `data_and_rng=False` (a guard rollback): the stream moves on past the
+    batches that went bad and the caller reseeds."""
+    folder, load_dir = Path(folder), Path(load_dir or folder)
+    rank, world_size = trainer.rank, trainer.world_size
+    state = Checkpointer.read_trainer_state(folder)
+    trainer.engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name, load_lr_scheduler_states=False)
+    parts = trainer.components()
+    for name, (part, where) in parts.items():
+        if where == "shared" and (name == "trainer" or name in state):
+            part.load_state_dict(state if name == "trainer" else state[name])
+    wanted = [n for n, (_, where) in parts.items() if where == "rank" and (data_and_rng or n == "buffer")]
+    files = sorted(folder.glob("rank_*.pt"))
+    buffer = parts["buffer"][0]
+    if state["world_size"] == world_size:
+        mine = torch.load(files[rank], map_location="cpu", weights_only=False, mmap=True)
+        for name in wanted:
+            parts[name][0].load_state_dict(mine[name])
+        _log(f"rank {rank}: {'resumed' if data_and_rng else 'rolled back to'} step {trainer.step} from {folder}; "
+             f"buffer {len(buffer)} samples sha {fingerprint(buffer.state_dict())}; rng sha {fingerprint(mine['rng'])}")
+        return
+    from ebmscale.buffer import reshard
+    shards = [torch.load(f, map_location="cpu", weights_only=False, mmap=True) for f in files]
+    share, dropped = reshard([s["buffer"] for s in shards], world_size, rank, buffer.capacity)
+    buffer.load_state_dict(share)
+    if data_and_rng:
+        parts["stream"][0].load_state_dict(shards[0]["stream"])
+    torch.manual_seed(trainer.cfg.run.seed + 7919 * rank + trainer.step)
+    if os.environ.get("EBMSCALE_DUMP_BUFFER_ON_RESUME"):  # lets a drill verify that no sample was lost
+        dump = Path(os.environ["EBMSCALE_DUMP_BUFFER_ON_RESUME"])
+        dump.mkdir(parents=True, exist_ok=True)
+        torch.save(buffer.state_dict(), dump / f"rank_{rank}.pt")
+    note = f"; {dropped} oldest samples did not fit buffer.capacity" if dropped else ""
+    _log(f"rank {rank}: resumed step {trainer.step} from {folder} written by {state['world_size']} ranks on "
+         f"{world_size}: buffer re-sharded ({len(buffer)} samples here{note}), optimizer via universal checkpoint")

@@ -6,7 +6,6 @@ Runs the same under the launcher (submitit, local or SLURM), torchrun, srun or p
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -22,13 +21,13 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from ebmscale import distributed, precision
-from ebmscale.buffer import ReplayBuffer, build_buffer, reshard
+from ebmscale.buffer import build_buffer
 from ebmscale.config import ConfigError, flatten, from_yaml_file, run_dir, to_yaml
 from ebmscale.data import build_stream
 from ebmscale.models import build_model
 from ebmscale.tracking import build_tracker, pictures
 from ebmscale.train import stop
-from ebmscale.train.checkpoint import Checkpointer, broadcast, set_rng_state
+from ebmscale.train.checkpoint import Checkpointer, fingerprint, restore  # noqa: F401 (fingerprint: tests)
 from ebmscale.train.ds_config import build_ds_config, compute_dtype
 from ebmscale.train.guard import GuardFailure, check_discard_supported
 from ebmscale.train.optim import build_optimizer
@@ -102,59 +101,6 @@ def to_universal(folder: Path, rank: int) -> Path:
     return out
 
 
-def fingerprint(obj) -> str:
-    """A short digest of tensors/arrays/values, printed on resume so a person (or a test) can check it."""
-    h = hashlib.sha256()
-    def feed(o):
-        if isinstance(o, dict):
-            for k in sorted(o):
-                h.update(str(k).encode()); feed(o[k])
-        elif isinstance(o, (list, tuple)):
-            for v in o:
-                feed(v)
-        elif isinstance(o, torch.Tensor):
-            h.update(o.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif hasattr(o, "tobytes"):
-            h.update(o.tobytes())
-        else:
-            h.update(repr(o).encode())
-    feed(obj)
-    return h.hexdigest()[:16]
-
-
-def restore(trainer: Trainer, engine, buffer: ReplayBuffer, stream, folder: Path, load_dir: Path,
-            rank: int, world_size: int, seed: int, data_and_rng: bool = True) -> None:
-    """Model, optimizer, replay buffer, trainer state; and the data position and RNG unless `data_and_rng` is
-    False (a guard rollback: the stream moves on past the batches that went bad, the caller reseeds)."""
-    state = Checkpointer.read_trainer_state(folder)
-    engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name, load_lr_scheduler_states=False)
-    trainer.load_state_dict(state)
-    files = sorted(folder.glob("rank_*.pt"))
-    if state["world_size"] == world_size:
-        mine = torch.load(files[rank], map_location="cpu", weights_only=False, mmap=True)
-        buffer.load_state_dict(mine["buffer"])
-        if data_and_rng:
-            stream.load_state_dict(mine["stream"])
-            set_rng_state(mine["rng"])
-        log(f"rank {rank}: {'resumed' if data_and_rng else 'rolled back to'} step {trainer.step} from {folder}; "
-            f"buffer {len(buffer)} samples "
-            f"sha {fingerprint(buffer.state_dict())}; rng sha {fingerprint(mine['rng'])}")
-        return
-    shards = [torch.load(f, map_location="cpu", weights_only=False, mmap=True) for f in files]
-    share, dropped = reshard([s["buffer"] for s in shards], world_size, rank, buffer.capacity)
-    buffer.load_state_dict(share)
-    if data_and_rng:
-        stream.load_state_dict(shards[0]["stream"])
-    torch.manual_seed(seed + 7919 * rank + trainer.step)
-    if os.environ.get("EBMSCALE_DUMP_BUFFER_ON_RESUME"):  # lets a drill verify that no sample was lost
-        dump = Path(os.environ["EBMSCALE_DUMP_BUFFER_ON_RESUME"])
-        dump.mkdir(parents=True, exist_ok=True)
-        torch.save(buffer.state_dict(), dump / f"rank_{rank}.pt")
-    note = f"; {dropped} oldest samples did not fit buffer.capacity" if dropped else ""
-    log(f"rank {rank}: resumed step {trainer.step} from {folder} written by {state['world_size']} ranks on "
-        f"{world_size}: buffer re-sharded ({len(buffer)} samples here{note}), optimizer via universal checkpoint")
-
-
 def settle_precision(cfg, d: distributed.Dist, out: Path, checkpoint_precision) -> precision.Resolution:
     """train.precision auto -> what this hardware runs natively, the same on every rank; recorded in the run's
     config.yaml and precision.json (tools/status.py) and logged with the reason."""
@@ -210,7 +156,7 @@ def main(cfg) -> stop.Outcome:
     tracker = build_tracker(cfg.tracking, out, d.rank, run_id, cfg.run.name)
     trainer = Trainer(cfg, engine, buffer, stream, tracker, ckpt, d.rank, d.world_size, out, pictures)
     if resume:
-        restore(trainer, engine, buffer, stream, resume, load_dir, d.rank, d.world_size, cfg.run.seed)
+        restore(trainer, resume, load_dir)
     hosts = all_hosts()
     tags = {"world_size": d.world_size, "hosts": hosts, "git_commit": git_commit(),
             "precision": resolved.precision, "precision_reason": resolved.reason,

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ebmscale.buffer import ReplayBuffer
 from ebmscale.sampling import frozen, langevin, model_energy
 from ebmscale.train import faults, stop
-from ebmscale.train.checkpoint import Checkpointer, healthy_checkpoints
+from ebmscale.train.checkpoint import RNG, Checkpointer, healthy_checkpoints, restore
 from ebmscale.train.ds_config import compute_dtype
 from ebmscale.train.guard import SEVERITY, Guard, GuardFailure, Verdict, build_guard, discard_gradients
 from ebmscale.train.loss import cd_loss
@@ -151,7 +151,6 @@ class Trainer:
     def rollback(self, v: Verdict) -> None:
         """Back to the newest healthy checkpoint (model, optimizer, replay buffer; the data stream moves on past
         the batches that went bad, the RNG is reseeded), then the next remedy. GuardFailure when it may not."""
-        from ebmscale.train.main import restore  # main imports this module
         discard_gradients(self.engine)
         target = self.ckpt.rollback_target()
         why = self.guard.refuse_rollback(v, target)
@@ -160,8 +159,7 @@ class Trainer:
         self.report(v, "rollback", target, self.guard.next_remedy())
         keep = self.guard.state_dict()["run"]
         self.ckpt.discard_after(target)
-        restore(self, self.engine, self.buffer, self.stream, target, target, self.rank, self.world_size,
-                self.cfg.run.seed, data_and_rng=False)
+        restore(self, target, data_and_rng=False)
         self.guard.load_state_dict({**self.guard.state_dict(), "run": keep})
         torch.manual_seed(self.cfg.run.seed + 7919 * self.rank + 104729 * self.guard.rollbacks + self.step)
         self.apply_remedies()
@@ -263,21 +261,29 @@ class Trainer:
         self.tracker.log_artifact(path, "chains")
 
     # ---- state --------------------------------------------------------------------------------
+    def components(self) -> dict:
+        """Everything a checkpoint holds besides the engine: name -> (state_dict/load_state_dict, where);
+        "rank": this rank's rank_*.pt, "shared": trainer.json (the trainer's own counters at its top level)."""
+        return {"buffer": (self.buffer, "rank"), "stream": (self.stream, "rank"), "rng": (RNG, "rank"),
+                "trainer": (self, "shared"), "guard": (self.guard, "shared")}
+
     def state_dict(self) -> dict:
-        return {"step": self.step, "images_seen": self.images_seen, "guard": self.guard.state_dict()}
+        return {"step": self.step, "images_seen": self.images_seen}
 
     def load_state_dict(self, sd: dict) -> None:
         self.step, self.images_seen = int(sd["step"]), int(sd["images_seen"])
-        if "guard" in sd:
-            self.guard.load_state_dict(sd["guard"])
 
     def save(self) -> None:
         if (self.step == 0 and not self.cfg.guard.initial_checkpoint) or self.step == self._saved_step:
             return
         self._saved_step = self.step
-        rank_state = {"buffer": self.buffer.state_dict(), "stream": self.stream.state_dict(),
-                      "rank": self.rank, "world_size": self.world_size}
-        trainer_state = {**self.state_dict(), "world_size": self.world_size,
+        rank_state, trainer_state = {"rank": self.rank, "world_size": self.world_size}, {}
+        for name, (part, where) in self.components().items():
+            if where == "rank":
+                rank_state[name] = part.state_dict()
+            else:
+                trainer_state.update(part.state_dict() if name == "trainer" else {name: part.state_dict()})
+        trainer_state = {**trainer_state, "world_size": self.world_size,
                          "tracking": self.tracker.state_dict(), "precision": self.cfg.train.precision,
                          "zero_stage": self.cfg.train.zero_stage}
         folder = self.ckpt.save(self.engine, self.step, rank_state, trainer_state)

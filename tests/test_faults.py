@@ -1,0 +1,93 @@
+"""Trust under faults (issue 15): one writer per run folder, branch-safe history, safe loading, data that ends or
+lies, bounded spool. Fast tests use the real Checkpointer and Trainer state plumbing with a stand-in engine; the
+`slow` ones run real 2-rank DeepSpeed jobs (tests/conftest.py `train`)."""
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import ROOT
+from ebmscale.buffer import ReplayBuffer
+from ebmscale.config import GuardConfig
+from ebmscale.tracking.mlflow_run import NullTracker
+from ebmscale.train import checkpoint as ck
+from ebmscale.train.guard import Guard
+from ebmscale.train.trainer import Trainer
+
+
+class FakeEngine:
+    """DeepSpeed's part of a checkpoint: one model file; remembers what it was asked to load."""
+    def __init__(self):
+        self.loaded = None
+
+    def save_checkpoint(self, save_dir, tag, **kw):
+        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+        torch.save({"module": {"w": torch.ones(3)}}, Path(save_dir) / tag / "mp_rank_00_model_states.pt")
+
+    def load_checkpoint(self, load_dir, tag, **kw):
+        self.loaded = (load_dir, tag)
+
+
+class FakeStream:
+    def __init__(self):
+        self.epoch, self.batch = 0, 0
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, sd):
+        self.epoch, self.batch = sd["epoch"], sd["batch"]
+
+
+def make_trainer(root: Path, **ckpt_cfg) -> Trainer:
+    t = object.__new__(Trainer)
+    t.cfg = OmegaConf.create({"guard": {"initial_checkpoint": False}, "run": {"seed": 0},
+                              "train": {"precision": "fp32", "zero_stage": 0}})
+    t.engine, t.stream, t.tracker = FakeEngine(), FakeStream(), NullTracker()
+    t.buffer = ReplayBuffer(16, (1, 4, 4), 10, "uint8")
+    t.guard = Guard(OmegaConf.structured(GuardConfig()), {}, world_size=1, device=torch.device("cpu"))
+    cfg = dict(async_buffer=False, keep_last=3, keep_every=0, resume="auto", **ckpt_cfg)
+    t.ckpt = ck.Checkpointer(root, SimpleNamespace(**cfg), rank=0, world_size=1)
+    t.rank, t.world_size, t.step, t.images_seen, t._saved_step = 0, 1, 0, 0, -1
+    return t
+
+
+def saved_run(root: Path, steps=(5,)) -> Trainer:
+    t = make_trainer(root)
+    t.buffer.push(torch.rand(8, 1, 4, 4), torch.randint(0, 10, (8,)))
+    for s in steps:
+        t.step, t.images_seen, t.stream.batch = s, 10 * s, s
+        t.save()
+        t.ckpt.commit()
+    return t
+
+
+# ---- 1. one list of stateful components; restore lives with the checkpoint code ----------------------------------
+def test_every_component_round_trips_through_one_list(tmp_path):
+    t = saved_run(tmp_path)
+    t.guard.skipped = 3
+    t.ckpt.write_trainer_state(tmp_path / ck.tag(5), {**ck.Checkpointer.read_trainer_state(tmp_path / ck.tag(5)),
+                                                      "guard": t.guard.state_dict()})
+    want_buffer, want_rng = t.buffer.state_dict(), (random.random(), np.random.rand(), torch.rand(1))
+    u = make_trainer(tmp_path)
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    ck.restore(u, tmp_path / ck.tag(5))
+    assert (u.step, u.images_seen, u.stream.batch, u.guard.skipped) == (5, 50, 5, 3)
+    assert u.engine.loaded == (str(tmp_path), ck.tag(5))
+    assert torch.equal(u.buffer.state_dict()["images"], want_buffer["images"])
+    assert (random.random(), np.random.rand(), torch.rand(1)) == want_rng
+    assert set(u.components()) == {"buffer", "stream", "rng", "trainer", "guard"}
+
+
+def test_trainer_does_not_import_main():
+    assert "ebmscale.train.main" not in (ROOT / "ebmscale" / "train" / "trainer.py").read_text()
+    code = "import sys, ebmscale.train.trainer; import ebmscale.train.checkpoint as c; " \
+           "assert c.restore and 'ebmscale.train.main' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, timeout=120)
