@@ -126,6 +126,7 @@ class CheckpointConfig:
     keep_every: int = 0  # also keep every M-th step forever; 0 = off
     resume: str = "auto"  # auto | never | path to a checkpoint folder
     async_buffer: bool = True
+    trust_pickles: bool = False  # load checkpoint files that need more than tensors (could run code): only your own
 
 
 @dataclass

@@ -91,3 +91,33 @@ def test_trainer_does_not_import_main():
     code = "import sys, ebmscale.train.trainer; import ebmscale.train.checkpoint as c; " \
            "assert c.restore and 'ebmscale.train.main' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, timeout=120)
+
+
+# ---- 2. safe loading ---------------------------------------------------------------------------------------------
+class Payload:  # what an attacker's pickle could carry: any importable callable
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_what_ebmscale_writes_loads_weights_only(tmp_path):
+    saved_run(tmp_path)
+    for f in (tmp_path / ck.tag(5)).glob("*.pt"):
+        torch.load(f, weights_only=True)
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    torch.save({"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum(2)}, tmp_path / "ds.pt")
+    assert ck.load(tmp_path / "ds.pt")["zero_stage"] == ZeroStageEnum(2)
+
+
+def test_a_file_that_needs_pickles_is_refused_unless_trusted(tmp_path, capsys):
+    from ebmscale.eval.loading import load_buffer
+    folder = tmp_path / ck.tag(1)
+    folder.mkdir()
+    torch.save({"buffer": Payload()}, folder / "rank_00000.pt")
+    with pytest.raises(ck.UntrustedFile, match="--trust-pickles"):
+        load_buffer(folder)
+    with ck.safe_torch_load(), pytest.raises(ck.UntrustedFile):  # what DeepSpeed's loaders call
+        torch.load(folder / "rank_00000.pt", weights_only=False)
+    assert "pwned" not in capsys.readouterr().out
+    ck.load(folder / "rank_00000.pt", trust=True)
+    assert "pwned" in capsys.readouterr().out

@@ -10,6 +10,11 @@ Layout of `RUN/checkpoints/step_000500/`:
 A folder without COMMITTED is a partial save (a crash mid-write): it is never resumed and is
 removed on the next start.
 
+Everything ebmscale writes loads with torch.load(weights_only=True) (the RNG states are stored as plain tensors,
+DeepSpeed's files need four plain classes, SAFE_DEEPSPEED_GLOBALS); `load` refuses a file that needs more, unless
+the user trusts it (`--trust-pickles` in the tools, `checkpoint.trust_pickles`). `safe_torch_load()` routes
+DeepSpeed's own loaders through `load` as well.
+
 What is saved is one list, `Trainer.components()` (as torchtitan's checkpointer): name -> (object with
 state_dict/load_state_dict, where). "rank" parts go to this rank's rank_*.pt, "shared" parts into trainer.json
 (rank 0); the engine (model + optimizer) is DeepSpeed's own files. `restore` loads the same list back.
@@ -19,10 +24,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -84,18 +91,83 @@ class RNG:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Plain tensors and numbers only (loads with weights_only=True)."""
+    version, keys, gauss = random.getstate()
+    _, np_keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "keys": torch.tensor(keys, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    if isinstance(py, dict):
+        py = (py["version"], tuple(int(k) for k in py["keys"].tolist()), py["gauss"])
+    if isinstance(npy, dict):
+        npy = ("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    random.setstate(py)
+    np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---- safe loading ---------------------------------------------------------------------------------------------
+class UntrustedFile(RuntimeError):
+    """A checkpoint file that needs arbitrary pickled objects to load (it could run code)."""
+
+
+TRUST_PICKLES = False  # set by the tools' --trust-pickles and checkpoint.trust_pickles
+_torch_load = torch.load
+
+
+def trust_pickles(on: bool) -> None:
+    global TRUST_PICKLES
+    TRUST_PICKLES = bool(on)
+
+
+def safe_deepspeed_globals() -> list:
+    """The plain-data classes DeepSpeed pickles into its checkpoint files."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load(path, trust: Optional[bool] = None, **kw):
+    """torch.load with weights_only=True (plus DeepSpeed's plain classes); UntrustedFile for a file that needs
+    more, unless `trust` (default: TRUST_PICKLES)."""
+    kw.pop("weights_only", None)
+    if TRUST_PICKLES if trust is None else trust:
+        return _torch_load(path, weights_only=False, **kw)
+    try:
+        extra = safe_deepspeed_globals()
+    except ImportError:
+        extra = []
+    try:
+        with torch.serialization.safe_globals(extra):
+            return _torch_load(path, weights_only=True, **kw)
+    except pickle.UnpicklingError as e:
+        why = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), str(e).splitlines()[0])
+        raise UntrustedFile(f"{path}: refusing to load, it holds more than tensors and plain data ({why[:200]}); "
+                            f"loading it could run code. Only if you trust who wrote it: pass --trust-pickles "
+                            f"(tools) or checkpoint.trust_pickles=true (training)") from None
+
+
+@contextmanager
+def safe_torch_load(trust: Optional[bool] = None):
+    """Every torch.load inside (DeepSpeed's loaders: engine.load_checkpoint, zero_to_fp32) goes through `load`."""
+    def guarded(f, map_location=None, *args, **kw):
+        return load(f, trust, map_location=map_location, **kw)
+    torch.load = guarded
+    try:
+        yield
+    finally:
+        torch.load = _torch_load
 
 
 def fingerprint(obj) -> str:
@@ -272,7 +344,7 @@ class Checkpointer:
     @staticmethod
     def read_rank_files(folder: Path) -> list[dict]:
         files = sorted(folder.glob("rank_*.pt"))
-        return [torch.load(f, map_location="cpu", weights_only=False, mmap=True) for f in files]
+        return [load(f, map_location="cpu", mmap=True) for f in files]
 
 
 def _log(msg: str) -> None:
@@ -286,7 +358,8 @@ def restore(trainer, folder: Path, load_dir: Optional[Path] = None, data_and_rng
     folder, load_dir = Path(folder), Path(load_dir or folder)
     rank, world_size = trainer.rank, trainer.world_size
     state = Checkpointer.read_trainer_state(folder)
-    trainer.engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name, load_lr_scheduler_states=False)
+    with safe_torch_load():
+        trainer.engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name, load_lr_scheduler_states=False)
     parts = trainer.components()
     for name, (part, where) in parts.items():
         if where == "shared" and (name == "trainer" or name in state):
@@ -295,14 +368,14 @@ def restore(trainer, folder: Path, load_dir: Optional[Path] = None, data_and_rng
     files = sorted(folder.glob("rank_*.pt"))
     buffer = parts["buffer"][0]
     if state["world_size"] == world_size:
-        mine = torch.load(files[rank], map_location="cpu", weights_only=False, mmap=True)
+        mine = load(files[rank], map_location="cpu", mmap=True)
         for name in wanted:
             parts[name][0].load_state_dict(mine[name])
         _log(f"rank {rank}: {'resumed' if data_and_rng else 'rolled back to'} step {trainer.step} from {folder}; "
              f"buffer {len(buffer)} samples sha {fingerprint(buffer.state_dict())}; rng sha {fingerprint(mine['rng'])}")
         return
     from ebmscale.buffer import reshard
-    shards = [torch.load(f, map_location="cpu", weights_only=False, mmap=True) for f in files]
+    shards = [load(f, map_location="cpu", mmap=True) for f in files]
     share, dropped = reshard([s["buffer"] for s in shards], world_size, rank, buffer.capacity)
     buffer.load_state_dict(share)
     if data_and_rng:

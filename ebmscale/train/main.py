@@ -27,7 +27,7 @@ from ebmscale.data import build_stream
 from ebmscale.models import build_model
 from ebmscale.tracking import build_tracker, pictures
 from ebmscale.train import stop
-from ebmscale.train.checkpoint import Checkpointer, fingerprint, restore  # noqa: F401 (fingerprint: tests)
+from ebmscale.train.checkpoint import Checkpointer, fingerprint, restore, trust_pickles  # noqa: F401 (fingerprint: tests)
 from ebmscale.train.ds_config import build_ds_config, compute_dtype
 from ebmscale.train.guard import GuardFailure, check_discard_supported
 from ebmscale.train.optim import build_optimizer
@@ -139,6 +139,7 @@ def main(cfg) -> stop.Outcome:
         prepare_run_dir(cfg, out)
     if dist.is_initialized():
         dist.barrier()
+    trust_pickles(cfg.checkpoint.trust_pickles)
     ckpt = Checkpointer(out / "checkpoints", cfg.checkpoint, d.rank, d.world_size)
     resume = ckpt.resume_target()
     prev = Checkpointer.read_trainer_state(resume) if resume else None
