@@ -121,3 +121,72 @@ def test_a_file_that_needs_pickles_is_refused_unless_trusted(tmp_path, capsys):
     assert "pwned" not in capsys.readouterr().out
     ck.load(folder / "rank_00000.pt", trust=True)
     assert "pwned" in capsys.readouterr().out
+
+
+# ---- 3. one writer per run folder -------------------------------------------------------------------------------
+def test_a_users_folder_in_checkpoints_is_neither_listed_nor_touched(tmp_path):
+    saved_run(tmp_path, steps=(5,))
+    bak = tmp_path / "step_000000500.bak"
+    bak.mkdir()
+    (bak / ck.COMMIT).write_text("{}")
+    partial = tmp_path / ck.tag(9)
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_text("half a save")
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == [ck.tag(5)]
+    assert make_trainer(tmp_path).ckpt.resume_target() == tmp_path / ck.tag(5)
+    assert bak.exists() and not partial.exists()
+    moved = list(tmp_path.glob(f"partial-*/{ck.tag(9)}/mp_rank_00_model_states.pt"))
+    assert len(moved) == 1 and moved[0].read_text() == "half a save"  # moved aside, not deleted
+
+
+def _take(run: Path) -> subprocess.CompletedProcess:
+    code = f"from ebmscale.train import runlock; runlock.acquire({str(run)!r}); print('took it')"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_a_live_writer_refuses_a_second_one_a_dead_one_is_taken_over(tmp_path, monkeypatch):
+    from ebmscale.launch.checks import check_not_in_use
+    from ebmscale.config import ConfigError
+    from ebmscale.train import runlock
+    held = runlock.acquire(tmp_path)
+    res = _take(tmp_path)
+    assert res.returncode != 0 and f"pid {held['pid']}" in res.stderr and "RunFolderInUse" in res.stderr
+    with pytest.raises(ConfigError, match=f"pid {held['pid']}"):  # the launcher, on the login node
+        check_not_in_use(tmp_path)
+    runlock.release(tmp_path, held)
+    assert not (tmp_path / runlock.LOCK).exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / runlock.LOCK).write_text(json.dumps({**held, "pid": int(dead.stdout)}))  # a SIGKILLed holder
+    res = _take(tmp_path)
+    assert res.returncode == 0 and f"pid {int(dead.stdout)}" in res.stdout and "is gone" in res.stdout
+    assert not (tmp_path / runlock.LOCK).exists()  # released at exit
+    other = {"job_id": "4242", "host": "node-x", "pid": 1, "start": "then"}  # another host's job
+    (tmp_path / runlock.LOCK).write_text(json.dumps(other))
+    monkeypatch.setattr("ebmscale.launch.checks.slurm_state", lambda job: "RUNNING")
+    with pytest.raises(runlock.RunFolderInUse, match="SLURM job 4242 on host node-x, pid 1"):
+        runlock.acquire(tmp_path)
+    monkeypatch.setattr("ebmscale.launch.checks.slurm_state", lambda job: "CANCELLED by 0")
+    assert runlock.check(tmp_path) is None
+
+
+@pytest.mark.slow
+def test_two_launches_on_one_run_folder_in_the_same_second(tmp_path, digits_shards):
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    from conftest import train
+    run = tmp_path / "run"
+
+    def launch():
+        t0 = time.monotonic()
+        res = train(run, digits_shards, "train.steps=4", "checkpoint.every=2", "tracking.enabled=false", check=False)
+        return res, time.monotonic() - t0
+    with ThreadPoolExecutor(2) as pool:
+        done = [f.result() for f in [pool.submit(launch), pool.submit(launch)]]
+    ok = [(r, t) for r, t in done if r.returncode == 0]
+    refused = [(r, t) for r, t in done if r.returncode != 0]
+    assert len(ok) == 1 and len(refused) == 1, [r.stderr[-2000:] for r, _ in done]
+    msg = refused[0][0].stdout + refused[0][0].stderr
+    assert "is being written by a job outside SLURM on host" in msg and "pid" in msg, msg[-3000:]
+    print(f"refused after {refused[0][1]:.0f} s, the other ran {ok[0][1]:.0f} s")
+    assert [p.name for p in ck.list_checkpoints(run / "checkpoints")] == [ck.tag(2), ck.tag(4)]
+    assert not list((run / "checkpoints").glob("partial-*")) and not (run / "writer.lock").exists()

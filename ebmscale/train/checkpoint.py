@@ -7,8 +7,10 @@ Layout of `RUN/checkpoints/step_000500/`:
   COMMITTED          written last by rank 0, after every rank's files are complete (barrier); JSON with
                      `healthy`: the stability guard's judgement (guard.py), a rollback goes only to healthy ones
 `RUN/checkpoints/latest` names the newest committed folder and moves only after the commit.
-A folder without COMMITTED is a partial save (a crash mid-write): it is never resumed and is
-removed on the next start.
+A folder without COMMITTED is a partial save (a crash mid-write): it is never resumed and on the next start
+(under the run folder's writer lock, runlock.py) is moved aside into `RUN/checkpoints/partial-<time>/`, never
+deleted. Only folders named exactly `step_<digits>` are ebmscale's; anything else (`step_000000500.bak`, a user's
+copy) is left alone and never listed.
 
 Everything ebmscale writes loads with torch.load(weights_only=True) (the RNG states are stored as plain tensors,
 DeepSpeed's files need four plain classes, SAFE_DEEPSPEED_GLOBALS); `load` refuses a file that needs more, unless
@@ -26,6 +28,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import threading
 import time
@@ -42,8 +45,17 @@ from ebmscale.train import faults
 COMMIT = "COMMITTED"
 
 
+STEP_NAME = re.compile(r"step_(\d+)")
+
+
 def tag(step: int) -> str:
     return f"step_{step:09d}"
+
+
+def step_of(folder: Path) -> Optional[int]:
+    """The step of an ebmscale checkpoint folder; None for any other name."""
+    m = STEP_NAME.fullmatch(Path(folder).name)
+    return int(m.group(1)) if m else None
 
 
 def committed(folder: Path) -> bool:
@@ -54,8 +66,7 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Committed checkpoint folders, oldest first."""
     if not root.exists():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and committed(p)),
-                  key=lambda p: int(p.name.split("_")[1]))
+    return sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) is not None and committed(p)), key=step_of)
 
 
 def healthy(folder: Path) -> bool:
@@ -239,10 +250,12 @@ class Checkpointer:
         target = None
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            for p in self.root.iterdir():
-                if p.is_dir() and p.name.startswith("step_") and not committed(p):
-                    print(f"[ebmscale] removing partial checkpoint {p} (no {COMMIT} marker)", flush=True)
-                    shutil.rmtree(p, ignore_errors=True)
+            for p in sorted(self.root.iterdir()):
+                if p.is_dir() and step_of(p) is not None and not committed(p):
+                    aside = self.root / f"partial-{time.strftime('%Y%m%d-%H%M%S')}"
+                    aside.mkdir(exist_ok=True)
+                    _log(f"moving partial checkpoint {p} (no {COMMIT} marker) aside to {aside}")
+                    os.replace(p, aside / p.name)
             mode = self.cfg.resume
             if mode == "auto":
                 target = latest(self.root)
@@ -297,7 +310,7 @@ class Checkpointer:
             missing = [r for r in range(self.world_size) if not (folder / f"rank_{r:05d}.pt").exists()]
             if missing:
                 raise RuntimeError(f"checkpoint {folder} lacks the files of ranks {missing}; not committed")
-            _atomic_write(folder / COMMIT, json.dumps({"step": int(folder.name.split('_')[1]),
+            _atomic_write(folder / COMMIT, json.dumps({"step": step_of(folder),
                                                        "world_size": self.world_size, "time": time.time(),
                                                        "healthy": bool(healthy)}))
             _atomic_write(self.root / "latest", folder.name + "\n")
@@ -309,7 +322,7 @@ class Checkpointer:
         found = list_checkpoints(self.root)
         keep = set(found[-self.cfg.keep_last:]) | set(healthy_checkpoints(self.root)[-1:])  # somewhere to roll back to
         if self.cfg.keep_every:
-            keep |= {p for p in found if int(p.name.split("_")[1]) % self.cfg.keep_every == 0}
+            keep |= {p for p in found if step_of(p) % self.cfg.keep_every == 0}
         for p in found:
             if p not in keep:
                 shutil.rmtree(p, ignore_errors=True)
@@ -324,9 +337,9 @@ class Checkpointer:
     def discard_after(self, folder: Path) -> None:
         """Remove every checkpoint newer than `folder` (written after the run went bad) and point `latest` at it."""
         if self.rank == 0:
-            step = int(folder.name.split("_")[1])
+            step = step_of(folder)
             for p in self.root.iterdir():
-                if p.is_dir() and p.name.startswith("step_") and int(p.name.split("_")[1]) > step:
+                if p.is_dir() and (step_of(p) or -1) > step:
                     shutil.rmtree(p, ignore_errors=True)
             _atomic_write(self.root / "latest", folder.name + "\n")
         _barrier()

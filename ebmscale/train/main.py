@@ -26,8 +26,8 @@ from ebmscale.config import ConfigError, flatten, from_yaml_file, run_dir, to_ya
 from ebmscale.data import build_stream
 from ebmscale.models import build_model
 from ebmscale.tracking import build_tracker, pictures
-from ebmscale.train import stop
-from ebmscale.train.checkpoint import Checkpointer, fingerprint, restore, trust_pickles  # noqa: F401 (fingerprint: tests)
+from ebmscale.train import runlock, stop
+from ebmscale.train.checkpoint import Checkpointer, broadcast, fingerprint, restore, trust_pickles  # noqa: F401 (fingerprint: tests)
 from ebmscale.train.ds_config import build_ds_config, compute_dtype
 from ebmscale.train.guard import GuardFailure, check_discard_supported
 from ebmscale.train.optim import build_optimizer
@@ -131,10 +131,33 @@ def build_engine(cfg, rank: int, ds_cfg: dict):
     return engine
 
 
+def take_run_folder(out: Path, rank: int):
+    """Rank 0 takes the run folder's writer lock before anything is written; every rank hears a refusal."""
+    held, refused = None, None
+    if rank == 0:
+        try:
+            held = runlock.acquire(out, log)
+        except runlock.RunFolderInUse as e:
+            refused = str(e)
+    refused = broadcast(refused)
+    if refused:
+        raise runlock.RunFolderInUse(refused)
+    return held
+
+
 def main(cfg) -> stop.Outcome:
     d = distributed.init(timeout_s=cfg.train.collective_timeout_s)
-    torch.set_num_threads(cfg.train.threads or distributed.cpu_threads(d.local_world_size, cfg.data.workers))
     out = run_dir(cfg).resolve()
+    held = take_run_folder(out, d.rank)
+    try:
+        return _main(cfg, d, out)
+    finally:
+        if held:
+            runlock.release(out, held)
+
+
+def _main(cfg, d, out: Path) -> stop.Outcome:
+    torch.set_num_threads(cfg.train.threads or distributed.cpu_threads(d.local_world_size, cfg.data.workers))
     if d.rank == 0:
         prepare_run_dir(cfg, out)
     if dist.is_initialized():
