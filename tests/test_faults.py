@@ -25,7 +25,7 @@ from ebmscale.train.trainer import Trainer
 class FakeEngine:
     """DeepSpeed's part of a checkpoint: one model file; remembers what it was asked to load."""
     def __init__(self):
-        self.loaded = None
+        self.loaded, self.module = None, torch.nn.Linear(2, 1)
 
     def save_checkpoint(self, save_dir, tag, **kw):
         (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
@@ -53,7 +53,7 @@ def make_trainer(root: Path, **ckpt_cfg) -> Trainer:
     t.engine, t.stream, t.tracker = FakeEngine(), FakeStream(), NullTracker()
     t.buffer = ReplayBuffer(16, (1, 4, 4), 10, "uint8")
     t.guard = Guard(OmegaConf.structured(GuardConfig()), {}, world_size=1, device=torch.device("cpu"))
-    cfg = dict(async_buffer=False, keep_last=3, keep_every=0, resume="auto", **ckpt_cfg)
+    cfg = {**dict(async_buffer=False, keep_last=3, keep_every=0, resume="auto"), **ckpt_cfg}
     t.ckpt = ck.Checkpointer(root, SimpleNamespace(**cfg), rank=0, world_size=1)
     t.rank, t.world_size, t.step, t.images_seen, t._saved_step = 0, 1, 0, 0, -1
     return t
@@ -190,3 +190,97 @@ def test_two_launches_on_one_run_folder_in_the_same_second(tmp_path, digits_shar
     print(f"refused after {refused[0][1]:.0f} s, the other ran {ok[0][1]:.0f} s")
     assert [p.name for p in ck.list_checkpoints(run / "checkpoints")] == [ck.tag(2), ck.tag(4)]
     assert not list((run / "checkpoints").glob("partial-*")) and not (run / "writer.lock").exists()
+
+
+# ---- 4. a history that knows branches ---------------------------------------------------------------------------
+def test_resuming_an_older_step_branches_and_a_relaunch_continues_the_branch(tmp_path):
+    old = saved_run(tmp_path, steps=(2, 4, 6))
+    stamp = (tmp_path / ck.tag(4) / ck.COMMIT).read_text()
+    t = make_trainer(tmp_path, resume=str(tmp_path / ck.tag(2)))
+    assert t.ckpt.resume_target() == tmp_path / ck.tag(2)
+    branched = list(tmp_path.glob("branched-*"))
+    assert len(branched) == 1 and sorted(p.name for p in branched[0].iterdir()) == [ck.tag(4), ck.tag(6)]
+    assert (branched[0] / ck.tag(4) / ck.COMMIT).read_text() == stamp  # moved whole, not rewritten
+    ck.restore(t, tmp_path / ck.tag(2))
+    t.buffer.push(torch.rand(8, 1, 4, 4), torch.randint(0, 10, (8,)))
+    t.step = 4
+    t.save()
+    t.ckpt.commit()
+    assert (tmp_path / ck.tag(4) / ck.COMMIT).read_text() != stamp
+    assert (tmp_path / "latest").read_text().strip() == ck.tag(4) == ck.latest(tmp_path).name
+    again = make_trainer(tmp_path, resume=str(tmp_path / ck.tag(2)))  # the same command, relaunched
+    assert again.ckpt.resume_target() == tmp_path / ck.tag(4) and len(list(tmp_path.glob("branched-*"))) == 1
+    assert old.step == 6
+
+
+def test_a_save_never_writes_into_a_committed_folder(tmp_path):
+    t = saved_run(tmp_path, steps=(4,))
+    before = (tmp_path / ck.tag(4) / ck.COMMIT).read_text()
+    t._saved_step = -1
+    t.save()  # step 4 again (e.g. a second line of history)
+    assert not (tmp_path / ck.tag(4) / ck.COMMIT).exists()  # not committed before the commit
+    assert (next(tmp_path.glob(f"branched-*/{ck.tag(4)}")) / ck.COMMIT).read_text() == before
+
+
+def test_auto_falls_back_past_a_torn_checkpoint_naming_the_bad_file(tmp_path, capsys):
+    saved_run(tmp_path, steps=(2, 4))
+    bad = tmp_path / ck.tag(4) / "mp_rank_00_model_states.pt"
+    bad.write_bytes(bad.read_bytes()[:10])
+    assert make_trainer(tmp_path).ckpt.resume_target() == tmp_path / ck.tag(2)
+    assert str(bad) in capsys.readouterr().out
+    (tmp_path / ck.tag(2) / "trainer.json").write_text("{")
+    assert ck.latest(tmp_path) is None
+
+
+def test_with_the_guard_off_retention_keeps_the_newest_finite_checkpoint(tmp_path):
+    t = make_trainer(tmp_path, keep_last=1)
+    t.guard.cfg.enabled = False
+    for s in (2, 4, 6):
+        if s == 4:
+            with torch.no_grad():
+                t.engine.module.weight.fill_(float("nan"))
+        t.step = s
+        t.save()
+        t.commit()
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == [ck.tag(2), ck.tag(6)]
+    assert [p.name for p in ck.healthy_checkpoints(tmp_path)] == [ck.tag(2)]
+    files = json.loads((tmp_path / ck.tag(2) / ck.COMMIT).read_text())["files"]
+    assert files["rank_00000.pt"] == (tmp_path / ck.tag(2) / "rank_00000.pt").stat().st_size
+
+
+def test_a_fork_into_another_run_folder_is_recognised_and_frozen_keys_checked(tmp_path):
+    from ebmscale.config import ConfigError, load_config
+    from ebmscale.train.main import check_frozen, fork_parent
+    cfg = load_config(ROOT / "configs" / "digits.yaml", [])
+    parent = tmp_path / "parent"
+    (parent / "checkpoints" / ck.tag(2)).mkdir(parents=True)
+    (parent / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    child = tmp_path / "child"
+    assert fork_parent(parent / "checkpoints" / ck.tag(2), child) == parent.resolve()
+    assert fork_parent(child / "checkpoints" / ck.tag(2), child) is None
+    cfg.model.filters = 7
+    with pytest.raises(ConfigError, match="model differs"):
+        check_frozen(cfg, parent)
+
+
+@pytest.mark.slow
+def test_kill_during_branch_drill(tmp_path, digits_shards):
+    """Resume from an older step, kill mid-save, relaunch the same command: the branch continues, the old line is in
+    branched-*/, the torn save in partial-*/, nothing is deleted."""
+    from conftest import train
+    run, common = tmp_path / "run", ["checkpoint.every=2", "tracking.enabled=false", "train.steps=6"]
+    train(run, digits_shards, *common)
+    old = {p.name: (p / ck.COMMIT).read_text() for p in ck.list_checkpoints(run / "checkpoints")}
+    assert sorted(old) == [ck.tag(2), ck.tag(4), ck.tag(6)]
+    branch = [*common, f"checkpoint.resume={run / 'checkpoints' / ck.tag(2)}"]
+    res = train(run, digits_shards, *branch, env={"EBMSCALE_FAULT": "kill_in_save:4:0"}, check=False)
+    assert res.returncode != 0
+    res = train(run, digits_shards, *branch)
+    out = res.stdout + res.stderr
+    assert "continuing the branch" in out and "resumed step 2" in out, out[-3000:]
+    (aside,) = (run / "checkpoints").glob("branched-*")
+    assert {p.name: (p / ck.COMMIT).read_text() for p in aside.iterdir()} == {k: v for k, v in old.items()
+                                                                            if k != ck.tag(2)}
+    assert list((run / "checkpoints").glob(f"partial-*/{ck.tag(4)}"))  # the torn save, kept
+    assert [p.name for p in ck.list_checkpoints(run / "checkpoints")] == [ck.tag(2), ck.tag(4), ck.tag(6)]
+    assert ck.latest(run / "checkpoints").name == ck.tag(6)

@@ -6,7 +6,16 @@ Layout of `RUN/checkpoints/step_000500/`:
   trainer.json       step, world size, tracking run id, config (rank 0)
   COMMITTED          written last by rank 0, after every rank's files are complete (barrier); JSON with
                      `healthy`: the stability guard's judgement (guard.py), a rollback goes only to healthy ones
-`RUN/checkpoints/latest` names the newest committed folder and moves only after the commit.
+Before COMMITTED every rank fsyncs the folder's files and rank 0 records their sizes in it ("files"); then the
+folder and its parent are fsynced. `latest()` is the one answer to "which checkpoint": the newest *valid* committed
+folder (COMMITTED and trainer.json parse, every rank's file is there, every file has its committed size); a torn
+one is passed over with a warning naming the bad file. `RUN/checkpoints/latest` is only written from it, for people
+and DeepSpeed's tools; nothing reads it.
+Branches: `checkpoint.resume=<older step or another run's checkpoint>` moves the newer step folders (a fork: all of
+them) into `RUN/checkpoints/branched-<time>/` before anything is saved, and records the start in branch.json, so
+a relaunch with the same setting continues the branch instead of branching again. A save never writes into a
+committed folder. With the guard off, COMMITTED still records whether the weights were finite, and retention
+always keeps the newest finite checkpoint.
 A folder without COMMITTED is a partial save (a crash mid-write): it is never resumed and on the next start
 (under the run folder's writer lock, runlock.py) is moved aside into `RUN/checkpoints/partial-<time>/`, never
 deleted. Only folders named exactly `step_<digits>` are ebmscale's; anything else (`step_000000500.bak`, a user's
@@ -43,6 +52,7 @@ import torch.distributed as dist
 from ebmscale.train import faults
 
 COMMIT = "COMMITTED"
+BRANCH = "branch.json"
 
 
 STEP_NAME = re.compile(r"step_(\d+)")
@@ -70,9 +80,10 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def healthy(folder: Path) -> bool:
-    """The guard's flag in COMMITTED; checkpoints from before the guard (or an empty marker) count as healthy."""
+    """The guard's flag (and finite weights) in COMMITTED; older checkpoints (or an empty marker) count as healthy."""
     try:
-        return bool(json.loads((folder / COMMIT).read_text()).get("healthy", True))
+        marker = json.loads((folder / COMMIT).read_text())
+        return bool(marker.get("healthy", True)) and bool(marker.get("finite", True))
     except (OSError, ValueError, AttributeError):
         return True
 
@@ -84,9 +95,32 @@ def healthy_checkpoints(root: Path, world_size: Optional[int] = None) -> list[Pa
     return [p for p in list_checkpoints(root) if ok(p)]
 
 
-def latest(root: Path) -> Optional[Path]:
-    found = list_checkpoints(root)
-    return found[-1] if found else None
+def invalid(folder: Path) -> Optional[str]:
+    """Why a committed checkpoint cannot be resumed (naming the bad file), or None."""
+    try:
+        marker = json.loads((folder / COMMIT).read_text() or "{}")
+        state = json.loads((folder / "trainer.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"{getattr(e, 'filename', None) or folder / 'trainer.json'} unreadable: {e}"
+    for r in range(int(state.get("world_size", 0))):
+        if not (folder / f"rank_{r:05d}.pt").exists():
+            return f"{folder / f'rank_{r:05d}.pt'} is missing"
+    for name, size in (marker.get("files") or {}).items():
+        f = folder / name
+        if not f.is_file() or f.stat().st_size != size:
+            return f"{f} is {'missing' if not f.is_file() else f'{f.stat().st_size} bytes'}, {size} at commit"
+    return None
+
+
+def latest(root: Path, warn: bool = True) -> Optional[Path]:
+    """The newest valid committed checkpoint: the one answer to "which checkpoint is latest"."""
+    for p in reversed(list_checkpoints(root)):
+        why = invalid(p)
+        if why is None:
+            return p
+        if warn:
+            _log(f"WARNING: skipping torn checkpoint {p.name}: {why}; falling back to the one before")
+    return None
 
 
 class RNG:
@@ -224,6 +258,14 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _save_file(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
@@ -257,16 +299,54 @@ class Checkpointer:
                     _log(f"moving partial checkpoint {p} (no {COMMIT} marker) aside to {aside}")
                     os.replace(p, aside / p.name)
             mode = self.cfg.resume
-            if mode == "auto":
-                target = latest(self.root)
-            elif mode != "never":
-                target = Path(mode)
+            if mode not in ("auto", "never"):
+                target = Path(mode).resolve()
                 if not committed(target):
                     raise FileNotFoundError(f"checkpoint.resume={mode}: not a committed checkpoint folder "
                                             f"(missing {target / COMMIT})")
+                if self.branched_from() == str(target) and list_checkpoints(self.root):
+                    _log(f"checkpoint.resume={mode}: this run folder already branched from it "
+                         f"({self.root / BRANCH}); continuing the branch from its latest checkpoint")
+                    mode = "auto"
+                else:
+                    self.branch(target)
+            if mode == "auto":
+                target = latest(self.root)
             target = str(target) if target else None
         target = broadcast(target)
         return Path(target) if target else None
+
+    def branched_from(self) -> Optional[str]:
+        try:
+            return json.loads((self.root / BRANCH).read_text())["from"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def branch(self, target: Path) -> None:
+        """A new line of history starts at `target`: newer step folders here (a fork from another run: all of
+        them) move into branched-<time>/, and branch.json records the start."""
+        since = step_of(target) if target.parent == self.root.resolve() else -1
+        newer = [p for p in sorted(self.root.iterdir()) if p.is_dir() and (step_of(p) if step_of(p) is not None
+                                                                             else -1) > since]
+        aside = self.root / f"branched-{time.strftime('%Y%m%d-%H%M%S')}"
+        if newer:
+            aside.mkdir(exist_ok=True)
+            for p in newer:
+                os.replace(p, aside / p.name)
+            _log(f"checkpoint.resume={target}: a new branch; the {len(newer)} later checkpoint folder(s) "
+                 f"{', '.join(p.name for p in newer)} moved to {aside}")
+        _atomic_write(self.root / BRANCH, json.dumps({"from": str(target), "time": time.time(),
+                                                      "moved_to": str(aside) if newer else None}))
+        self._point_latest()
+
+    def _point_latest(self) -> None:
+        newest = latest(self.root, warn=False)
+        if newest is not None:
+            _atomic_write(self.root / "latest", newest.name + "\n")
+
+    @property
+    def pending(self) -> bool:
+        return self._pending is not None
 
     # ---- saving -------------------------------------------------------------------------------
     def save(self, engine, step: int, rank_state: dict, trainer_state: dict) -> Path:
@@ -274,6 +354,12 @@ class Checkpointer:
         self.commit()  # at most one save in flight
         t0 = time.perf_counter()
         folder = self.root / tag(step)
+        if self.rank == 0 and committed(folder):  # never write into a committed checkpoint
+            aside = self.root / f"branched-{time.strftime('%Y%m%d-%H%M%S')}"
+            aside.mkdir(exist_ok=True)
+            os.replace(folder, aside / folder.name)
+            _log(f"WARNING: {folder} was committed already (another line of history); moved to {aside}")
+        _barrier()
         engine.save_checkpoint(str(self.root), tag=tag(step), save_latest=False)
         faults.maybe_kill("kill_in_save", step, self.rank)
         if self.rank == 0:
@@ -294,9 +380,10 @@ class Checkpointer:
         except BaseException as e:  # surfaced at commit time, never lost silently
             self._error.append(e)
 
-    def commit(self, healthy: bool = True) -> Optional[Path]:
-        """Every rank's files complete -> barrier -> rank 0 writes COMMITTED (with the guard's `healthy`),
-        moves `latest`, prunes."""
+    def commit(self, healthy: bool = True, finite: bool = True) -> Optional[Path]:
+        """Every rank's files complete and fsynced -> barrier -> rank 0 writes COMMITTED (with the guard's
+        `healthy`, whether the weights were `finite`, every file's size), fsyncs the folders, moves `latest`,
+        prunes."""
         if self._pending is None:
             return None
         folder, _, thread = self._pending
@@ -305,16 +392,25 @@ class Checkpointer:
             thread.join()
         if self._error:
             raise RuntimeError(f"writing {folder}/rank_{self.rank:05d}.pt failed") from self._error.pop()
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        for f in files:  # each rank: whatever this node wrote is on disk before the commit
+            _fsync(f)
         _barrier()
         if self.rank == 0:
             missing = [r for r in range(self.world_size) if not (folder / f"rank_{r:05d}.pt").exists()]
             if missing:
                 raise RuntimeError(f"checkpoint {folder} lacks the files of ranks {missing}; not committed")
-            _atomic_write(folder / COMMIT, json.dumps({"step": step_of(folder),
-                                                       "world_size": self.world_size, "time": time.time(),
-                                                       "healthy": bool(healthy)}))
-            _atomic_write(self.root / "latest", folder.name + "\n")
+            files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMMIT)
+            for d in {f.parent for f in files} | {folder}:
+                _fsync(d)
+            _atomic_write(folder / COMMIT, json.dumps({
+                "step": step_of(folder), "world_size": self.world_size, "time": time.time(),
+                "healthy": bool(healthy), "finite": bool(finite),
+                "files": {str(f.relative_to(folder)): f.stat().st_size for f in files}}))
+            _fsync(folder)
+            _fsync(self.root)
             self.prune()
+            self._point_latest()
         _barrier()
         return folder
 
@@ -341,7 +437,7 @@ class Checkpointer:
             for p in self.root.iterdir():
                 if p.is_dir() and (step_of(p) or -1) > step:
                     shutil.rmtree(p, ignore_errors=True)
-            _atomic_write(self.root / "latest", folder.name + "\n")
+            self._point_latest()
         _barrier()
 
     def write_trainer_state(self, folder: Path, state: dict) -> None:

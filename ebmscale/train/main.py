@@ -60,13 +60,28 @@ def prepare_run_dir(cfg, out: Path) -> None:
         log(f"run.overwrite: previous checkpoints moved to {aside}")
     saved = out / "config.yaml"
     if saved.exists() and has_ckpt and cfg.checkpoint.resume != "never":
-        old = from_yaml_file(saved)
-        for key in FROZEN_KEYS:
-            a, b = OmegaConf.select(old, key), OmegaConf.select(cfg, key)
-            if a != b:
-                raise ConfigError(f"{key} differs from the run being resumed in {out} ({a} -> {b}); "
-                                  f"use a new run.dir for a different model")
+        check_frozen(cfg, out)
     (out / "config.yaml").write_text(to_yaml(cfg))
+
+
+def check_frozen(cfg, run: Path) -> None:
+    """The keys that change what a checkpoint means must match the run folder being resumed (or forked)."""
+    if not (run / "config.yaml").exists():
+        return
+    old = from_yaml_file(run / "config.yaml")
+    for key in FROZEN_KEYS:
+        a, b = OmegaConf.select(old, key), OmegaConf.select(cfg, key)
+        if a != b:
+            raise ConfigError(f"{key} differs from the run being resumed in {run} ({a} -> {b}); "
+                              f"use a new run.dir for a different model")
+
+
+def fork_parent(resume, out: Path):
+    """The run folder `resume` belongs to when that is another run (a fork), else None."""
+    if resume is None:
+        return None
+    parent = Path(resume).resolve().parent.parent
+    return None if parent == out.resolve() else parent
 
 
 def git_commit() -> str:
@@ -166,6 +181,9 @@ def _main(cfg, d, out: Path) -> stop.Outcome:
     ckpt = Checkpointer(out / "checkpoints", cfg.checkpoint, d.rank, d.world_size)
     resume = ckpt.resume_target()
     prev = Checkpointer.read_trainer_state(resume) if resume else None
+    parent = fork_parent(resume, out)
+    if parent:
+        check_frozen(cfg, parent)
     resolved = settle_precision(cfg, d, out, (prev or {}).get("precision"))
 
     ds_cfg = build_ds_config(cfg, d.world_size)
@@ -176,7 +194,8 @@ def _main(cfg, d, out: Path) -> stop.Outcome:
     engine = build_engine(cfg, d.rank, ds_cfg)
     buffer = build_buffer(cfg, engine.device)
     stream = build_stream(cfg.data, cfg.model, d.rank, d.world_size, cfg.run.seed)
-    run_id = (prev or {}).get("tracking", {}).get("run_id")
+    # a fork starts its own MLflow run (and records its parent); a resume continues the run's own
+    run_id = None if parent else (prev or {}).get("tracking", {}).get("run_id")
     tracker = build_tracker(cfg.tracking, out, d.rank, run_id, cfg.run.name)
     trainer = Trainer(cfg, engine, buffer, stream, tracker, ckpt, d.rank, d.world_size, out, pictures)
     if resume:
@@ -185,6 +204,10 @@ def _main(cfg, d, out: Path) -> stop.Outcome:
     tags = {"world_size": d.world_size, "hosts": hosts, "git_commit": git_commit(),
             "precision": resolved.precision, "precision_reason": resolved.reason,
             "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), "resumed_from_step": trainer.step}
+    if parent:
+        tags.update({"parent_run_id": (prev.get("tracking") or {}).get("run_id") or "", "parent_run_dir": str(parent),
+                     "parent_checkpoint": str(resume)})
+        log(f"fork of {parent} at step {trainer.step}: a new MLflow run")
     params = {**flatten(cfg), **{f"deepspeed.{k}": v for k, v in flatten(OmegaConf.create(ds_cfg)).items()},
               "precision.requested": resolved.requested, "precision.reason": resolved.reason}
     tracker.start(params, out / "config.yaml", tags)

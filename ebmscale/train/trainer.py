@@ -101,7 +101,7 @@ class Trainer:
             frames = [] if want_gif else None
             out = self.train_step(x_pos, y_pos, frames)  # forward + backward
             verdict = self.guard.check(self.step + 1, out, self.engine, stop.stop_requested())  # the one all-reduce
-            self.ckpt.commit(healthy=self.guard.healthy(self.step))  # the last save, judged by the step run on it
+            self.commit()  # the last save, judged by the step run on it
             if verdict.action in ("rollback", "stop"):
                 self.rollback(verdict)  # GuardFailure when it may not
                 bar.n = self.step
@@ -116,13 +116,13 @@ class Trainer:
             faults.maybe_kill("kill_at_step", self.step, self.rank)
             if self.step % self.cfg.checkpoint.every == 0 or self.step == steps:
                 self.save()
-        self.ckpt.commit(healthy=self.guard.healthy(self.step))
+        self.commit()
         bar.close()
         return stop.Outcome.COMPLETED
 
     def preempt(self, bar) -> stop.Outcome:
         self.save()
-        self.ckpt.commit(healthy=self.guard.healthy(self.step))
+        self.commit()
         print(f"[ebmscale] rank {self.rank}: stop requested ({stop.stop_reason() or 'by a peer'}); "
               f"checkpoint committed at step {self.step}", flush=True)
         bar.close()
@@ -272,6 +272,14 @@ class Trainer:
 
     def load_state_dict(self, sd: dict) -> None:
         self.step, self.images_seen = int(sd["step"]), int(sd["images_seen"])
+
+    def commit(self) -> None:
+        """Commit the save in flight, judged by the guard and by whether its weights are finite (with the guard off,
+        retention still keeps the newest finite checkpoint)."""
+        if self.ckpt.pending:
+            params = [p.detach() for p in self.engine.module.parameters()]
+            finite = bool(torch.stack(torch._foreach_norm(params)).isfinite().all()) if params else True
+            self.ckpt.commit(healthy=self.guard.healthy(self.step), finite=finite)
 
     def save(self) -> None:
         if (self.step == 0 and not self.cfg.guard.initial_checkpoint) or self.step == self._saved_step:
