@@ -88,6 +88,8 @@ class DataConfig:
     random_resized_crop: bool = False
     dequantize: bool = True
     max_bad_fraction: float = 0.01
+    max_image_pixels: int = 1 << 26  # a bigger image (checked in its header, before decoding) is a bad sample
+    verify: bool = False  # check each shard's sha256 against its manifest.json when the run starts
     allow_pickle: bool = False
     allow_pipe: bool = False
     pin_memory: bool = True

@@ -284,3 +284,69 @@ def test_kill_during_branch_drill(tmp_path, digits_shards):
     assert list((run / "checkpoints").glob(f"partial-*/{ck.tag(4)}"))  # the torn save, kept
     assert [p.name for p in ck.list_checkpoints(run / "checkpoints")] == [ck.tag(2), ck.tag(4), ck.tag(6)]
     assert ck.latest(run / "checkpoints").name == ck.tag(6)
+
+
+# ---- 5. data that ends and data that lies -----------------------------------------------------------------------
+def data_cfgs(shards, **data):
+    from ebmscale.config import DataConfig, ModelConfig
+    d = {**dict(shards=str(shards), batch_size=8, workers=0, shuffle_buffer=10, resampled=False, dequantize=False,
+                pin_memory=False, max_bad_fraction=0.5), **data}
+    return (OmegaConf.structured(DataConfig(**d)),
+            OmegaConf.structured(ModelConfig(in_channels=1, resolution=8, num_classes=3)))
+
+
+def write_tar(path: Path, samples: list) -> Path:
+    import io
+    import tarfile
+    with tarfile.open(path, "w") as tar:
+        for key, fields in samples:
+            for ext, data in fields.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def png(w=8, h=8) -> bytes:
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("L", (w, h), 128).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_a_finite_stream_runs_epoch_after_epoch_with_exact_resume(tmp_path):
+    from ebmscale.data import build_stream
+    for i in range(2):
+        write_tar(tmp_path / f"s-{i:06d}.tar", [(f"{i}{k:03d}", {"png": png(8, 8 + k % 5), "cls": str(k % 3).encode()})
+                                                 for k in range(20)])
+    pattern = tmp_path / "s-{000000..000001}.tar"
+    t = make_trainer(tmp_path / "ckpt")
+    t.stream = build_stream(*data_cfgs(pattern), 0, 1, 0)
+    t._data = iter(t.stream)
+    assert t.stream.steps_per_epoch == 5
+    for _ in range(6):  # no StopIteration at the epoch boundary
+        t.next_batch()
+    state = t.stream.state_dict()
+    after = [t.next_batch()[0] for _ in range(6)]  # across the next boundary too
+    u = make_trainer(tmp_path / "ckpt2")
+    u.stream = build_stream(*data_cfgs(pattern), 0, 1, 0)
+    u.stream.load_state_dict(state)
+    u._data = iter(u.stream)
+    assert state["epoch"] == 1 and all(torch.equal(a, u.next_batch()[0]) for a in after)
+    assert t.stream.state_dict()["epoch"] == 2
+
+
+def test_lying_samples_are_skipped_and_counted_not_fatal(tmp_path, caplog):
+    from ebmscale.data import build_stream
+    good = [(f"g{k:03d}", {"png": png(), "cls": b"1"}) for k in range(30)]
+    liars = [("label", {"png": png(), "cls": b"7"}),  # outside model.num_classes=3
+             ("broken", {"png": b"\x89PNG not really", "cls": b"0"}),
+             ("bomb", {"png": png(64, 64), "cls": b"0"})]  # over the pixel cap of this test
+    write_tar(tmp_path / "s-000000.tar", good[:15] + liars + good[15:])
+    s = build_stream(*data_cfgs(tmp_path / "s-000000.tar", batch_size=10, max_image_pixels=1000), 0, 1, 0)
+    assert sum(1 for _ in s) == 3
+    assert s.stats()["bad_samples"] == 3 and s.stats()["samples"] == 30
+    log = caplog.text
+    assert "label: BadSample: label 7 outside" in log and "bomb: ImageBomb: 64x64 pixels" in log
+    assert "broken:" in log and "s-000000.tar" in log

@@ -86,14 +86,14 @@ class Trainer:
     def fit(self) -> stop.Outcome:
         steps = self.cfg.train.steps
         bar = tqdm(total=steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True, desc="train")
-        data = iter(self.stream)
+        self._data = iter(self.stream)
         self._window = [time.perf_counter(), 0, 0.0]  # since the last log: start, images, data seconds
         self.apply_remedies()
         if self.step == 0 and self.cfg.guard.initial_checkpoint:
             self.save()
         while self.step < steps:
             td = time.perf_counter()
-            x_pos, y_pos = next(data)
+            x_pos, y_pos = self.next_batch()
             x_pos = x_pos.to(self.device, non_blocking=True).float()
             y_pos = y_pos.to(self.device, non_blocking=True)
             self._window[2] += time.perf_counter() - td
@@ -119,6 +119,14 @@ class Trainer:
         self.commit()
         bar.close()
         return stop.Outcome.COMPLETED
+
+    def next_batch(self):
+        """The next batch; a finite stream (data.resampled=false) ends each epoch, and the next one starts here."""
+        try:
+            return next(self._data)
+        except StopIteration:
+            self._data = iter(self.stream)
+            return next(self._data)
 
     def preempt(self, bar) -> stop.Outcome:
         self.save()
