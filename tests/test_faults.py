@@ -350,3 +350,40 @@ def test_lying_samples_are_skipped_and_counted_not_fatal(tmp_path, caplog):
     log = caplog.text
     assert "label: BadSample: label 7 outside" in log and "bomb: ImageBomb: 64x64 pixels" in log
     assert "broken:" in log and "s-000000.tar" in log
+
+
+def _die_on_third(item, **kw):
+    import os
+    if item[1] == 2:
+        os._exit(9)  # what the OOM killer does to a worker
+    from ebmscale.data.writer import encode
+    return encode(item, **kw)
+
+
+def test_make_shards_survives_a_dead_worker_and_verify_checks_sha256(tmp_path, monkeypatch):
+    import time
+    from ebmscale.data import build_stream, writer
+    from ebmscale.config import ConfigError
+    from ebmscale.data.sources import Source
+    items = [(np.full((8, 8), k * 20, np.uint8), k % 3) for k in range(12)]
+    src = Source("arrays", "mem", items, [{"name": c} for c in "abc"])
+    monkeypatch.setattr(writer, "encode", _die_on_third)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="worker process died"):
+        writer.write_shards(src, tmp_path, prefix="s", size=8, channels=1, fmt="png", samples_per_shard=4,
+                            workers=2, progress=False, seed=1)
+    assert time.monotonic() - t0 < 60
+    monkeypatch.undo()
+    writer.write_shards(src, tmp_path, prefix="s", size=8, channels=1, fmt="png", samples_per_shard=4, workers=2,
+                        progress=False, seed=1)
+    cli = [sys.executable, str(ROOT / "tools" / "make_shards.py"), "verify", str(tmp_path)]
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    assert subprocess.run(cli, cwd=ROOT, env=env, capture_output=True, timeout=120).returncode == 0
+    shard = tmp_path / "s-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 1
+    shard.write_bytes(bytes(data))
+    res = subprocess.run(cli, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "s-000001.tar: sha256 differs" in res.stderr
+    with pytest.raises(ConfigError, match="s-000001.tar"):
+        build_stream(*data_cfgs(tmp_path / "manifest.json", verify=True), 0, 1, 0)

@@ -257,10 +257,28 @@ def _check_labels(shards, model_cfg) -> None:
             raise ConfigError(f"model.num_classes: {model_cfg.num_classes}, but the shards of {url} hold {n} classes")
 
 
+def verify_shards(shards, rank: int, world_size: int) -> None:
+    """data.verify: this rank's share of the local shards against their manifest's sha256 (ConfigError naming them)."""
+    import os
+    import posixpath
+    from ebmscale.data.writer import sha256_of
+    bad = []
+    for s in shards[rank::world_size]:
+        want = {e["name"]: e.get("sha256") for e in (s.manifest or {}).get("shards", [])}.get(posixpath.basename(s.url))
+        if want and os.path.isfile(s.url) and sha256_of(s.url) != want:
+            bad.append(s.url)
+    if bad:
+        raise ConfigError(f"data.verify: {len(bad)} shard(s) differ from their manifest.json sha256 (damaged or "
+                          f"changed since written): {', '.join(bad[:5])}; re-write them (tools/make_shards.py) or "
+                          f"check with `tools/make_shards.py verify DIR`")
+
+
 def build_stream(data_cfg, model_cfg, rank: int, world_size: int, seed: int) -> Stream:
     """The per-rank training stream of `data_cfg.shards`; see the module docstring."""
     shards = resolve(data_cfg)
     count_samples(shards)
+    if data_cfg.verify:
+        verify_shards(shards, rank, world_size)
     _check_labels(shards, model_cfg)
     b, w = data_cfg.batch_size, max(1, data_cfg.workers)
     slots, total = world_size * w, sum(s.samples for s in shards)
