@@ -19,6 +19,7 @@ from ebmscale.config import GuardConfig
 from ebmscale.tracking.mlflow_run import NullTracker
 from ebmscale.train import checkpoint as ck
 from ebmscale.train.guard import Guard
+from ebmscale.train.heartbeat import Heartbeat
 from ebmscale.train.trainer import Trainer
 
 
@@ -56,6 +57,7 @@ def make_trainer(root: Path, **ckpt_cfg) -> Trainer:
     cfg = {**dict(async_buffer=False, keep_last=3, keep_every=0, resume="auto"), **ckpt_cfg}
     t.ckpt = ck.Checkpointer(root, SimpleNamespace(**cfg), rank=0, world_size=1)
     t.rank, t.world_size, t.step, t.images_seen, t._saved_step = 0, 1, 0, 0, -1
+    t.heartbeat = Heartbeat(root.parent / "hb", 0)
     return t
 
 
@@ -387,3 +389,35 @@ def test_make_shards_survives_a_dead_worker_and_verify_checks_sha256(tmp_path, m
     assert res.returncode == 1 and "s-000001.tar: sha256 differs" in res.stderr
     with pytest.raises(ConfigError, match="s-000001.tar"):
         build_stream(*data_cfgs(tmp_path / "manifest.json", verify=True), 0, 1, 0)
+
+
+# ---- 6. bounded waits: the KILLED watchdog judges by the trainer's heartbeat -------------------------------------
+def test_the_killed_watchdog_waits_for_a_slow_but_beating_trainer(tmp_path, monkeypatch):
+    import threading
+    import time
+    from ebmscale.tracking.mlflow_run import MlflowTracker
+    from ebmscale.train import heartbeat, stop
+    monkeypatch.setattr(heartbeat, "WRITE_EVERY_S", 0.0)
+    hb = Heartbeat(tmp_path, 0)
+    hb.beat(0)
+    time.sleep(1.0)
+    hb.beat(1)  # the trainer's pace: about 1 s a step
+    ends = []
+    fake = SimpleNamespace(_closed=threading.Event(), _last_put=0.0, killed_after_s=0.3, heartbeat=hb, _run_id="r",
+                           run_dir=tmp_path, spool=SimpleNamespace(lock=threading.Lock()),
+                           _put=lambda r: ends.append((time.monotonic(), r)))
+    stop.request_stop("SIGTERM")
+    try:
+        t0 = time.monotonic()
+        dog = threading.Thread(target=MlflowTracker._watchdog, args=(fake,), daemon=True)
+        dog.start()
+        for step in (2, 3, 4):  # slower than killed_after_s, but steady
+            time.sleep(0.9)
+            hb.beat(step)
+        assert not ends, "marked KILLED while the trainer was beating"
+        dog.join(10)
+    finally:
+        stop.clear()
+        fake._closed.set()
+    assert ends and ends[-1][1]["status"] == "KILLED" and ends[-1][0] - t0 > 2.7 + 1.0
+    assert "rank 0 on" in ends[0][1]["tags"]["end_reason"]  # names the silent rank and its host

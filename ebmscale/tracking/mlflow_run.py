@@ -13,7 +13,8 @@ failed collective); KILLED when it stopped early on a signal (preemption, scance
 after another rank died): a relaunch on the same run_dir sets it RUNNING again. RUNNING therefore means a
 launch is alive, except after a SIGKILL of rank 0 itself (OOM killer, node loss), which leaves RUNNING until
 the next launch. If a stop was requested (stop.py's flag, set by the signal handlers) and the process has neither
-finished, closed the tracker nor logged anything (a checkpoint counts) for `killed_after_s` (15 s), e.g. because it hangs in a collective with a
+finished, closed the tracker, logged anything (a checkpoint counts) nor beaten its heartbeat (train/heartbeat.py) for
+its patience (`killed_after_s`, 15 s, or 1.5 x the trainer's own step time if longer), e.g. because it hangs in a collective with a
 dead peer (NCCL does not fail those, gloo does), the tracker marks the run KILLED itself before torchrun's
 SIGKILL (30 s after its SIGTERM).
 
@@ -129,6 +130,7 @@ class MlflowTracker:
         self._wake, self._stop, self._closed = threading.Event(), threading.Event(), threading.Event()
         self.killed_after_s = KILLED_AFTER_S
         self._last_put = 0.0  # monotonic time of the last record: activity the stop watchdog sees
+        self.heartbeat = None  # the trainer's (train/heartbeat.py), set by main: the watchdog judges by its pace
         self._thread = self._client = None
         self._started, self._failures = False, set()
         self._down = False
@@ -246,24 +248,27 @@ class MlflowTracker:
         self.close(self.cfg.flush_timeout_s if timeout_s is None else timeout_s)
 
     def _watchdog(self) -> None:
-        """KILLED if a stop was requested and the trainer then neither ended nor logged anything (a checkpoint
-        saved counts) for killed_after_s. If it was only slow, its finish() sets the final status anyway."""
+        """KILLED if a stop was requested and the trainer then neither ended, logged anything (a checkpoint saved
+        counts) nor beat its heartbeat for its patience (killed_after_s, or 1.5 x its step time if longer). If it
+        was only slow, its finish() sets the final status anyway."""
         from ebmscale.train import stop
         while not self._closed.wait(0.5):
             if stop.stop_requested():
-                quiet_since = time.monotonic()
+                quiet_since, hb = time.monotonic(), self.heartbeat
                 while not self._closed.wait(0.5):
-                    quiet_since = max(quiet_since, self._last_put)
-                    if time.monotonic() - quiet_since > self.killed_after_s:
+                    quiet_since = max(quiet_since, self._last_put, hb.last if hb else 0.0)
+                    patience = hb.patience(self.killed_after_s) if hb else self.killed_after_s
+                    if time.monotonic() - quiet_since > patience:
                         break
                 else:
                     return
+                from ebmscale.train.heartbeat import stale
+                where = "; ".join(stale(self.run_dir, patience)) or "a dead peer rank?"
                 _warn(f"stop requested ({stop.stop_reason() or 'by a peer'}) and nothing from the trainer for "
-                      f"{self.killed_after_s:g}s: marking run {self._run_id} KILLED before a SIGKILL can come "
-                      f"(a dead peer rank?)")
+                      f"{patience:g}s: marking run {self._run_id} KILLED before a SIGKILL can come ({where})")
                 with self.spool.lock:
-                    self._put({"op": "tags", "tags": {"end_reason": f"no progress {self.killed_after_s:g}s after a "
-                                                                    f"stop request ({stop.stop_reason()})"}})
+                    self._put({"op": "tags", "tags": {"end_reason": f"no progress {patience:g}s after a "
+                                                                    f"stop request ({stop.stop_reason()}); {where}"}})
                     self._put({"op": "end", "status": "KILLED", "ts": _now_ms()})
                 return
 

@@ -198,6 +198,7 @@ def _main(cfg, d, out: Path) -> stop.Outcome:
     run_id = None if parent else (prev or {}).get("tracking", {}).get("run_id")
     tracker = build_tracker(cfg.tracking, out, d.rank, run_id, cfg.run.name)
     trainer = Trainer(cfg, engine, buffer, stream, tracker, ckpt, d.rank, d.world_size, out, pictures)
+    tracker.heartbeat = trainer.heartbeat  # the KILLED watchdog judges by the trainer's own pace
     if resume:
         restore(trainer, resume, load_dir)
     hosts = all_hosts()

@@ -20,6 +20,7 @@ from ebmscale.train import faults, stop
 from ebmscale.train.checkpoint import RNG, Checkpointer, healthy_checkpoints, restore
 from ebmscale.train.ds_config import compute_dtype
 from ebmscale.train.guard import SEVERITY, Guard, GuardFailure, Verdict, build_guard, discard_gradients
+from ebmscale.train.heartbeat import Heartbeat
 from ebmscale.train.loss import cd_loss
 
 
@@ -36,6 +37,7 @@ class Trainer:
         self.images_seen = 0
         self._saved_step = -1
         self.guard = guard or build_guard(cfg, world_size, self.device)
+        self.heartbeat = Heartbeat(self.run_dir, rank)
 
     # ---- one step -----------------------------------------------------------------------------
     def sample_negatives(self, n: int, frames: Optional[list] = None, y_pos: Optional[torch.Tensor] = None):
@@ -91,6 +93,7 @@ class Trainer:
         self.apply_remedies()
         if self.step == 0 and self.cfg.guard.initial_checkpoint:
             self.save()
+        self.heartbeat.beat(self.step)
         while self.step < steps:
             td = time.perf_counter()
             x_pos, y_pos = self.next_batch()
@@ -113,6 +116,7 @@ class Trainer:
                 bar.update(1)
             if verdict.stop_requested and self.step < steps:
                 return self.preempt(bar)
+            self.heartbeat.beat(self.step)
             faults.maybe_kill("kill_at_step", self.step, self.rank)
             if self.step % self.cfg.checkpoint.every == 0 or self.step == steps:
                 self.save()
@@ -285,6 +289,7 @@ class Trainer:
         """Commit the save in flight, judged by the guard and by whether its weights are finite (with the guard off,
         retention still keeps the newest finite checkpoint)."""
         if self.ckpt.pending:
+            self.heartbeat.beat(self.step, "commit")
             params = [p.detach() for p in self.engine.module.parameters()]
             finite = bool(torch.stack(torch._foreach_norm(params)).isfinite().all()) if params else True
             self.ckpt.commit(healthy=self.guard.healthy(self.step), finite=finite)
@@ -293,6 +298,7 @@ class Trainer:
         if (self.step == 0 and not self.cfg.guard.initial_checkpoint) or self.step == self._saved_step:
             return
         self._saved_step = self.step
+        self.heartbeat.beat(self.step, "save")
         rank_state, trainer_state = {"rank": self.rank, "world_size": self.world_size}, {}
         for name, (part, where) in self.components().items():
             if where == "rank":
