@@ -141,7 +141,8 @@ class TrackingConfig:
     system_metrics: bool = True  # per node CPU/memory/disk/network/GPU (psutil, pynvml) as system/<host>/* at log steps
     retry_s: float = 30.0  # while the store is down, retry the spooled backlog at most this often
     flush_timeout_s: float = 60.0  # finish() waits this long for the backlog; the rest stays in run_dir/tracking_spool
-    upload_checkpoints: bool = False  # record_checkpoint also uploads the checkpoint as an artifact
+    upload_checkpoints: bool = False  # record_checkpoint also uploads the (committed) checkpoint as an artifact
+    spool_max_mb: int = 10240  # cap of the local spool while the store is down: images and artifacts are dropped
 
 
 GUARD_SIGNALS = ("nonfinite", "energy", "gap", "grad_spike", "collapse")

@@ -421,3 +421,35 @@ def test_the_killed_watchdog_waits_for_a_slow_but_beating_trainer(tmp_path, monk
         fake._closed.set()
     assert ends and ends[-1][1]["status"] == "KILLED" and ends[-1][0] - t0 > 2.7 + 1.0
     assert "rank 0 on" in ends[0][1]["tags"]["end_reason"]  # names the silent rank and its host
+
+
+# ---- 7. a bounded tracking spool; checkpoints recorded only once committed --------------------------------------
+def test_the_spool_is_capped_artifacts_dropped_metrics_kept(tmp_path, capsys):
+    from ebmscale.config import TrackingConfig
+    from ebmscale.tracking import build_tracker
+    cfg = OmegaConf.structured(TrackingConfig(uri="http://127.0.0.1:9", retry_s=3600, spool_max_mb=1))
+    t = build_tracker(cfg, tmp_path / "run", 0)  # a store that never answers
+    t.start({"a": 1}, None, {})
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * (2 << 20))
+    t.log_artifact(big, "x")
+    t.log_image("noise", (np.random.default_rng(0).random((600, 600, 3)) * 255).astype(np.uint8), step=1)
+    for step in range(1, 2001):
+        t.log_metrics({"loss": 1.0 / step}, step)
+    ops = [r.get("op") for _, r in t.spool.records(start=0)]
+    assert ops.count("metrics") == 2000 and "artifact" not in ops and "image" not in ops
+    assert t.spool.file_bytes <= 1 << 20
+    err = capsys.readouterr().err
+    assert "tracking.spool_max_mb=1" in err and "Metrics and tags are still kept" in err
+    t._closed.set()
+
+
+def test_a_checkpoint_is_recorded_for_tracking_only_after_its_commit(tmp_path):
+    t = make_trainer(tmp_path)
+    seen = []
+    t.tracker.record_checkpoint = lambda folder, step: seen.append((folder, step, ck.committed(folder)))
+    t.step = 3
+    t.save()
+    assert seen == []
+    t.commit()
+    assert seen == [(tmp_path / ck.tag(3), 3, True)]

@@ -45,7 +45,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from ebmscale.tracking.spool import Spool
+from ebmscale.tracking.spool import Spool, SpoolFull
 
 PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE",
              "BAD_REQUEST"}  # the store answered and said no: retrying would not help, so the record is dropped
@@ -121,7 +121,7 @@ class MlflowTracker:
             _warn(f"{spool_dir} belongs to another run or store; moved aside")
             spool_dir.rename(spool_dir.with_name(f"tracking_spool.orphaned-{int(time.time())}"))
         self._run_id = run_id or saved.get("run_id")
-        self.spool = Spool(spool_dir)
+        self.spool = Spool(spool_dir, int(getattr(cfg, "spool_max_mb", 0) or 0) << 20)
         self.steps: Dict[str, int] = self.spool.state.setdefault("steps", {})  # last step enqueued, per key
         for _, r in self.spool.records(start=0):
             for k in list(r.get("m", ())) + ([f"image:{r['key']}"] if r.get("op") == "image" else []):
@@ -156,7 +156,7 @@ class MlflowTracker:
     def start(self, params: dict, config_yaml_path: Path, tags: dict) -> None:
         self._save()
         self._started = True
-        config = config_yaml_path and Path(config_yaml_path).exists() and self.spool.stash(config_yaml_path)
+        config = config_yaml_path and Path(config_yaml_path).exists() and self._stash(config_yaml_path)
         self._put({"op": "start", "run_name": self.run_name, "ts": _now_ms(),
                    "params": {k: str(v)[:6000] for k, v in params.items()},
                    "tags": {k: str(v)[:8000] for k, v in tags.items()}, **({"file": config} if config else {})})
@@ -191,12 +191,34 @@ class MlflowTracker:
             return
         path = self.spool.new_file("image.png")
         Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image).save(path)
+        try:
+            self.spool.admit(path)
+        except SpoolFull as e:
+            return self._drop(f"image {key} step {step}: {e}")
         self._put({"op": "image", "key": key, "step": int(step), "ts": _now_ms(),
                    "file": str(path.relative_to(self.spool.root))})
 
     @_safe
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
-        self._put({"op": "artifact", "file": self.spool.stash(path), "artifact_path": artifact_path})
+        rel = self._stash(path)
+        if rel:
+            self._put({"op": "artifact", "file": rel, "artifact_path": artifact_path})
+
+    def _stash(self, path) -> Optional[str]:
+        try:
+            return self.spool.stash(path)
+        except SpoolFull as e:
+            return self._drop(f"artifact {e}")
+
+    def _drop(self, what: str) -> None:
+        """The spool is at tracking.spool_max_mb: an image or artifact is dropped (metrics and tags never are)."""
+        self._dropped_files = getattr(self, "_dropped_files", 0) + 1
+        if self._dropped_files == 1 or self._dropped_files % 100 == 0:
+            _warn(f"tracking spool {self.spool.root} is at its cap tracking.spool_max_mb="
+                  f"{self.spool.max_bytes >> 20} while {self.tracking_uri} does not take the backlog: dropped "
+                  f"{what} ({self._dropped_files} so far). Metrics and tags are still kept; images and artifacts "
+                  f"are dropped until the backlog is sent (raise tracking.spool_max_mb, or bring the store back)")
+        return None
 
     @_safe
     def log_text(self, text: str, artifact_file: str) -> None:
@@ -208,6 +230,7 @@ class MlflowTracker:
 
     @_safe
     def record_checkpoint(self, path: Path, step: int) -> None:
+        """Called once the checkpoint is committed (trainer.commit), never for a save still in flight."""
         self.set_tags({"checkpoint.latest": str(Path(path).resolve()), "checkpoint.latest_step": int(step)})
         self.log_metrics({"checkpoint.step": step}, step)
         if self.cfg.upload_checkpoints:

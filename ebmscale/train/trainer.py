@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ebmscale.buffer import ReplayBuffer
 from ebmscale.sampling import frozen, langevin, model_energy
 from ebmscale.train import faults, stop
-from ebmscale.train.checkpoint import RNG, Checkpointer, healthy_checkpoints, restore
+from ebmscale.train.checkpoint import RNG, Checkpointer, healthy_checkpoints, restore, step_of
 from ebmscale.train.ds_config import compute_dtype
 from ebmscale.train.guard import SEVERITY, Guard, GuardFailure, Verdict, build_guard, discard_gradients
 from ebmscale.train.heartbeat import Heartbeat
@@ -292,7 +292,9 @@ class Trainer:
             self.heartbeat.beat(self.step, "commit")
             params = [p.detach() for p in self.engine.module.parameters()]
             finite = bool(torch.stack(torch._foreach_norm(params)).isfinite().all()) if params else True
-            self.ckpt.commit(healthy=self.guard.healthy(self.step), finite=finite)
+            folder = self.ckpt.commit(healthy=self.guard.healthy(self.step), finite=finite)
+            if folder is not None and self.rank == 0:  # recorded (and uploaded) only once committed
+                self.tracker.record_checkpoint(folder, step_of(folder))
 
     def save(self) -> None:
         if (self.step == 0 and not self.cfg.guard.initial_checkpoint) or self.step == self._saved_step:
@@ -308,6 +310,4 @@ class Trainer:
         trainer_state = {**trainer_state, "world_size": self.world_size,
                          "tracking": self.tracker.state_dict(), "precision": self.cfg.train.precision,
                          "zero_stage": self.cfg.train.zero_stage}
-        folder = self.ckpt.save(self.engine, self.step, rank_state, trainer_state)
-        if self.rank == 0:
-            self.tracker.record_checkpoint(folder, self.step)
+        self.ckpt.save(self.engine, self.step, rank_state, trainer_state)
