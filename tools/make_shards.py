@@ -17,6 +17,9 @@ import argparse
 import logging
 import math
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's ebmscale, as the other tools
 
 from ebmscale.data.sources import KINDS, open_source
 from ebmscale.data.writer import verify_shards, write_shards

@@ -91,7 +91,8 @@ def healthy(folder: Path) -> bool:
 def healthy_checkpoints(root: Path, world_size: Optional[int] = None) -> list[Path]:
     """Committed checkpoints the guard judged healthy (written by `world_size` ranks if given), oldest first."""
     def ok(p):
-        return healthy(p) and (world_size is None or json.loads((p / "trainer.json").read_text())["world_size"] == world_size)
+        return healthy(p) and invalid(p) is None and (
+            world_size is None or json.loads((p / "trainer.json").read_text())["world_size"] == world_size)
     return [p for p in list_checkpoints(root) if ok(p)]
 
 
@@ -392,9 +393,9 @@ class Checkpointer:
             thread.join()
         if self._error:
             raise RuntimeError(f"writing {folder}/rank_{self.rank:05d}.pt failed") from self._error.pop()
-        files = sorted(p for p in folder.rglob("*") if p.is_file())
-        for f in files:  # each rank: whatever this node wrote is on disk before the commit
-            _fsync(f)
+        for f in folder.rglob("*"):  # each rank its own files (rank 0 the shared ones too) on disk before the commit
+            if f.is_file() and (self.rank == 0 or f"pp_rank_{self.rank}_" in f.name or f.name == f"rank_{self.rank:05d}.pt"):
+                _fsync(f)
         _barrier()
         if self.rank == 0:
             missing = [r for r in range(self.world_size) if not (folder / f"rank_{r:05d}.pt").exists()]
