@@ -22,7 +22,7 @@ deleted. Only folders named exactly `step_<digits>` are ebmscale's; anything els
 copy) is left alone and never listed.
 
 Everything ebmscale writes loads with torch.load(weights_only=True) (the RNG states are stored as plain tensors,
-DeepSpeed's files need four plain classes, SAFE_DEEPSPEED_GLOBALS); `load` refuses a file that needs more, unless
+DeepSpeed's files need four plain classes, `safe_deepspeed_globals`); `load` refuses a file that needs more, unless
 the user trusts it (`--trust-pickles` in the tools, `checkpoint.trust_pickles`). `safe_torch_load()` routes
 DeepSpeed's own loaders through `load` as well.
 
