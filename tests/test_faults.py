@@ -453,3 +453,17 @@ def test_a_checkpoint_is_recorded_for_tracking_only_after_its_commit(tmp_path):
     assert seen == []
     t.commit()
     assert seen == [(tmp_path / ck.tag(3), 3, True)]
+
+
+def test_inside_one_slurm_job_a_requeue_takes_over_but_a_second_launch_on_the_node_does_not(tmp_path, monkeypatch):
+    import os
+    import socket
+    from ebmscale.train import runlock
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    live = {"job_id": "77", "restart": 0, "host": socket.gethostname(), "pid": os.getppid(),
+            "proc_start": runlock._proc_start(os.getppid()), "start": "now"}
+    assert runlock.stale(live) is None  # same job, same node, live process: a second launch, refused
+    assert runlock.stale({**live, "host": "node-b"})  # same job, other node: the job was requeued there
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert runlock.stale(live)  # same job, a later start

@@ -4,7 +4,8 @@ Taken with O_CREAT|O_EXCL (atomic, also on NFS) before anything in the folder is
 started the job (launcher, torchrun, sbatch, plain python); released on every exit Python sees (the file is
 removed only if it is still ours). A SIGKILLed holder leaves the file behind: it is *stale* when its process is
 gone (same host: the pid is dead or now belongs to another process) or its SLURM job has ended (another host),
-or when it names this very SLURM job (a requeue). A stale lock is taken over with a note naming the old holder;
+or when it names this very SLURM job from an earlier start or another node (a requeue; two launches inside one
+allocation on the same node are still told apart by pid). A stale lock is taken over with a note naming the old holder;
 a live one refuses with its job id, host and pid. The launcher runs `check` on the login node before submitting.
 """
 from __future__ import annotations
@@ -39,7 +40,8 @@ def _proc_start(pid: int) -> Optional[str]:
 
 
 def me() -> dict:
-    return {"job_id": os.environ.get("SLURM_JOB_ID", ""), "host": socket.gethostname(), "pid": os.getpid(),
+    return {"job_id": os.environ.get("SLURM_JOB_ID", ""), "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+            "host": socket.gethostname(), "pid": os.getpid(),
             "proc_start": _proc_start(os.getpid()), "start": time.strftime("%Y-%m-%d %H:%M:%S"),
             "time": time.time()}
 
@@ -51,7 +53,9 @@ def describe(info: dict) -> str:
 
 def stale(info: dict) -> Optional[str]:
     """Why the holder in `info` no longer writes, or None while it may."""
-    if info.get("job_id") and info["job_id"] == os.environ.get("SLURM_JOB_ID"):
+    if info.get("job_id") and info["job_id"] == os.environ.get("SLURM_JOB_ID") and (
+            int(os.environ.get("SLURM_RESTART_COUNT", 0)) > int(info.get("restart", 0))
+            or info.get("host") != socket.gethostname()):
         return f"it is this SLURM job {info['job_id']}, requeued"
     if info.get("host") == socket.gethostname():
         started = _proc_start(int(info.get("pid", 0)))
