@@ -180,7 +180,8 @@ def test_two_launches_on_one_run_folder_in_the_same_second(tmp_path, digits_shar
 
     def launch():
         t0 = time.monotonic()
-        res = train(run, digits_shards, "train.steps=4", "checkpoint.every=2", "tracking.enabled=false", check=False)
+        res = train(run, digits_shards, "train.steps=4", "checkpoint.every=2", "tracking.enabled=false", check=False,
+                    timeout=1200)
         return res, time.monotonic() - t0
     with ThreadPoolExecutor(2) as pool:
         done = [f.result() for f in [pool.submit(launch), pool.submit(launch)]]
@@ -271,13 +272,14 @@ def test_kill_during_branch_drill(tmp_path, digits_shards):
     branched-*/, the torn save in partial-*/, nothing is deleted."""
     from conftest import train
     run, common = tmp_path / "run", ["checkpoint.every=2", "tracking.enabled=false", "train.steps=6"]
-    train(run, digits_shards, *common)
+    train(run, digits_shards, *common, timeout=1200)
     old = {p.name: (p / ck.COMMIT).read_text() for p in ck.list_checkpoints(run / "checkpoints")}
     assert sorted(old) == [ck.tag(2), ck.tag(4), ck.tag(6)]
     branch = [*common, f"checkpoint.resume={run / 'checkpoints' / ck.tag(2)}"]
-    res = train(run, digits_shards, *branch, env={"EBMSCALE_FAULT": "kill_in_save:4:0"}, check=False)
+    res = train(run, digits_shards, *branch, env={"EBMSCALE_FAULT": "kill_in_save:4:0"}, check=False,
+                timeout=1200)
     assert res.returncode != 0
-    res = train(run, digits_shards, *branch)
+    res = train(run, digits_shards, *branch, timeout=1200)
     out = res.stdout + res.stderr
     assert "continuing the branch" in out and "resumed step 2" in out, out[-3000:]
     (aside,) = (run / "checkpoints").glob("branched-*")
