@@ -22,6 +22,7 @@ from ebmscale.eval.loading import (cast_for_sampling, load_buffer, load_energy_m
                                    sampling_precision)
 from ebmscale.eval.sample import sample_rounds
 from ebmscale.tracking.pictures import image_grid
+from ebmscale.train import checkpoint
 
 
 def rank_world() -> tuple[int, int]:
@@ -98,7 +99,10 @@ def main() -> int:
     p.add_argument("--uint8", action="store_true", help="store images as uint8 0..255 (what IS/FID see; 4x smaller)")
     p.add_argument("--merge-timeout", type=float, default=7200, help="seconds rank 0 waits for the other parts")
     p.add_argument("--out", required=True, help="output .npz (images N x C x H x W float32 in [0,1], labels)")
+    p.add_argument("--trust-pickles", action="store_true",
+                   help="load checkpoint files that hold more than tensors (they could run code): only ones you trust")
     a = p.parse_args()
+    checkpoint.trust_pickles(a.trust_pickles)
 
     rank, world = rank_world()
     local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
