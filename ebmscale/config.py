@@ -95,6 +95,8 @@ class DataConfig:
     random_resized_crop: bool = False
     dequantize: bool = True
     max_bad_fraction: float = 0.01
+    max_image_pixels: int = 1 << 26  # a bigger image (checked in its header, before decoding) is a bad sample
+    verify: bool = False  # check each shard's sha256 against its manifest.json when the run starts
     allow_pickle: bool = False
     allow_pipe: bool = False
     pin_memory: bool = True
@@ -133,6 +135,7 @@ class CheckpointConfig:
     keep_every: int = 0  # also keep every M-th step forever; 0 = off
     resume: str = "auto"  # auto | never | path to a checkpoint folder
     async_buffer: bool = True
+    trust_pickles: bool = False  # load checkpoint files that need more than tensors (could run code): only your own
 
 
 @dataclass
@@ -145,7 +148,8 @@ class TrackingConfig:
     system_metrics: bool = True  # per node CPU/memory/disk/network/GPU (psutil, pynvml) as system/<host>/* at log steps
     retry_s: float = 30.0  # while the store is down, retry the spooled backlog at most this often
     flush_timeout_s: float = 60.0  # finish() waits this long for the backlog; the rest stays in run_dir/tracking_spool
-    upload_checkpoints: bool = False  # record_checkpoint also uploads the checkpoint as an artifact
+    upload_checkpoints: bool = False  # record_checkpoint also uploads the (committed) checkpoint as an artifact
+    spool_max_mb: int = 10240  # cap of the local spool while the store is down: images and artifacts are dropped
 
 
 GUARD_SIGNALS = ("nonfinite", "energy", "gap", "grad_spike", "collapse")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ebmscale.train.checkpoint import list_checkpoints
+from ebmscale.train import heartbeat, runlock
+from ebmscale.train.checkpoint import latest, list_checkpoints, step_of
 
 
 def _tail(path: Path, n: int) -> list[str]:
@@ -19,7 +20,9 @@ def run_status(run: str | Path, log_lines: int = 10) -> dict:
     if not (run / "config.yaml").exists():
         raise FileNotFoundError(f"{run} is not an ebmscale run folder (no config.yaml)")
     ckpts = list_checkpoints(run / "checkpoints")
-    state = json.loads((ckpts[-1] / "trainer.json").read_text()) if ckpts else {}
+    newest = latest(run / "checkpoints", warn=False)  # the one that would be resumed
+    state = json.loads((newest / "trainer.json").read_text()) if newest else {}
+    holder = runlock.check(run)
     tracking = json.loads((run / "tracking.json").read_text()) if (run / "tracking.json").exists() else {}
     partial = [p.name for p in (run / "checkpoints").glob("step_*") if p.is_dir() and p not in ckpts] \
         if (run / "checkpoints").exists() else []
@@ -34,7 +37,9 @@ def run_status(run: str | Path, log_lines: int = 10) -> dict:
         "run_dir": str(run.resolve()),
         "step": int(state.get("step", 0)),
         "total_steps": total,
-        "checkpoints": [{"path": str(p), "step": int(p.name.split("_")[1])} for p in ckpts],
+        "checkpoints": [{"path": str(p), "step": step_of(p)} for p in ckpts],
+        "writer": runlock.describe(holder) if holder else None,
+        "silent_ranks": heartbeat.stale(run) if holder else [],
         "partial_checkpoints": partial,
         "world_size": state.get("world_size"),
         "precision": resolved.get("precision") or state.get("precision"),
@@ -56,6 +61,8 @@ def format_status(s: dict) -> str:
              f"precision  {s['precision']}" + (f" ({s['precision_reason']})" if s["precision_reason"] else ""),
              f"checkpoints {', '.join(str(c['step']) for c in s['checkpoints']) or 'none'}"
              + (f"   (partial, ignored: {', '.join(s['partial_checkpoints'])})" if s["partial_checkpoints"] else ""),
+             f"writer     {s['writer']}" if s.get("writer") else "",
+             *(f"silent     {r}" for r in s.get("silent_ranks") or []),
              f"MLflow     run {s['mlflow_run_id']} at {s['tracking_uri']}",
              f"           open: {s['mlflow_ui']}" if s["mlflow_ui"] else "",
              "           (MLflow 3.17+: choose 'Model training' in the UI's workflow switch, or add "

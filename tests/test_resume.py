@@ -48,7 +48,7 @@ def test_kill_during_save_resumes_previous_and_cleans_partial(tmp_path, digits_s
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000000002"
     res = train(run, digits_shards, "train.steps=6", "checkpoint.every=2", "tracking.enabled=false")
     out = res.stdout + res.stderr
-    assert "removing partial checkpoint" in out and "resumed step 2" in out
+    assert "moving partial checkpoint" in out and "resumed step 2" in out
     assert [p.name for p in list_checkpoints(run / "checkpoints")][-1] == "step_000000006"
 
 

@@ -213,6 +213,8 @@ def main(argv=None) -> int:
     common.add_argument("--json", help="where the results go (default RUN/eval/<task>_step<step>.json)")
     common.add_argument("--device", help="default: cuda if available, else cpu")
     common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--trust-pickles", action="store_true",
+                        help="load checkpoint files that hold more than tensors (they could run code): only ones you trust")
 
     c = sub.add_parser("digits-classifier", parents=[common], help="train the digits CNN (feature network)")
     c.add_argument("out")
@@ -279,6 +281,8 @@ def main(argv=None) -> int:
     c.add_argument("--noise", type=float, help="Langevin noise (default: training's)")
     c.add_argument("--grad-clip", type=float, help="default: training's; 0 = none")
     a = p.parse_args(argv)
+    from ebmscale.train.checkpoint import trust_pickles
+    trust_pickles(a.trust_pickles)
     out = {"digits-classifier": cmd_digits_classifier, "fid": cmd_fid, "is": lambda a: cmd_fid(a, with_fid=False),
      "accuracy": cmd_accuracy, "ood": cmd_ood, "restore": cmd_restore, "paper": cmd_paper}[a.cmd](a)
     for k, v in out.get("metrics", out).items():

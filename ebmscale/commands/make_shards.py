@@ -10,6 +10,8 @@
   python tools/make_shards.py flat my_images/ data/mine           # no labels (unconditional)
 
 Re-running the same command skips the shards already complete.
+
+  python tools/make_shards.py verify data/imagenet128    # every shard against manifest.json's sha256; exit 1 if not
 """
 import argparse
 import logging
@@ -17,14 +19,27 @@ import math
 import sys
 
 from ebmscale.data.sources import KINDS, open_source
-from ebmscale.data.writer import write_shards
+from ebmscale.data.writer import verify_shards, write_shards
 
 DEFAULTS = {  # kind: (size, channels, format, num_shards, prefix)
     "digits": (16, 1, "png", 4, "digits"), "cifar10": (32, 3, "png", None, "train"),
 }
 
 
+def verify(out: str) -> int:
+    bad = verify_shards(out)
+    for line in bad:
+        print(line, file=sys.stderr)
+    print(f"{out}: {'all shards match manifest.json' if not bad else f'{len(bad)} shard(s) do not match'}")
+    return 1 if bad else 0
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["verify"]:
+        if len(argv) != 2:
+            sys.exit("usage: make_shards.py verify OUT_DIR")
+        return verify(argv[1])
     p = argparse.ArgumentParser(usage="%(prog)s KIND [SRC] OUT_DIR [options]", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("kind", choices=KINDS, metavar="KIND", help=f"one of {', '.join(KINDS)}")

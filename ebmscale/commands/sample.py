@@ -96,8 +96,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--uint8", action="store_true", help="store images as uint8 0..255 (what IS/FID see; 4x smaller)")
     p.add_argument("--merge-timeout", type=float, default=7200, help="seconds rank 0 waits for the other parts")
+    p.add_argument("--trust-pickles", action="store_true",
+                   help="load checkpoint files that hold more than tensors (they could run code): only ones you trust")
     p.add_argument("--out", required=True, help="output .npz (images N x C x H x W float32 in [0,1], labels)")
     a = p.parse_args(argv)
+    from ebmscale.train.checkpoint import trust_pickles
+    trust_pickles(a.trust_pickles)
 
     rank, world = rank_world()
     local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))

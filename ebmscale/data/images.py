@@ -28,17 +28,24 @@ def fit(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def open_for(src, size: int) -> Image.Image:
-    """Open a path / file object (JPEGs decoded at the smallest DCT scale still >= size) or wrap an array."""
+class ImageBomb(ValueError):
+    pass
+
+
+def open_for(src, size: int, max_pixels: int = 0) -> Image.Image:
+    """Open a path / file object (JPEGs decoded at the smallest DCT scale still >= size) or wrap an array.
+    ImageBomb if the header declares more than `max_pixels` (0: no cap), before anything is decoded."""
     if hasattr(src, "__array_interface__"):
         return Image.fromarray(src)
     img = Image.open(src)
-    if img.format == "JPEG":
+    if max_pixels and img.width * img.height > max_pixels:
+        raise ImageBomb(f"{img.width}x{img.height} pixels, more than data.max_image_pixels={max_pixels}")
+    if img.format == "JPEG" and size:
         img.draft(None, (size, size))
     return img
 
 
-def decode(data: bytes, size: int, channels: int) -> np.ndarray:
+def decode(data: bytes, size: int, channels: int, max_pixels: int = 0) -> np.ndarray:
     """Encoded image bytes -> uint8 [channels, size, size], fitted as the shard writer fits them."""
-    img = fit(to_mode(open_for(io.BytesIO(data), size), channels), size)
+    img = fit(to_mode(open_for(io.BytesIO(data), size, max_pixels), channels), size)
     return np.asarray(img, dtype=np.uint8).reshape(size, size, channels).transpose(2, 0, 1)

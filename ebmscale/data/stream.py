@@ -32,7 +32,7 @@ from webdataset.filters import _shuffle
 from webdataset.tariterators import tarfile_samples
 
 from ebmscale.config import ConfigError
-from ebmscale.data.images import decode, to_mode
+from ebmscale.data.images import decode, open_for, to_mode
 from ebmscale.data.shards import count_samples, resolve
 
 log = logging.getLogger("ebmscale.data")
@@ -76,7 +76,7 @@ class ShardBatches(IterableDataset):
         d = data_cfg
         self.batch_size, self.shuffle_buffer, self.resampled = d.batch_size, d.shuffle_buffer, d.resampled
         self.flip, self.rrc, self.dequantize = d.flip, d.random_resized_crop, d.dequantize
-        self.max_bad_fraction, self.allow_pickle = d.max_bad_fraction, d.allow_pickle
+        self.max_bad_fraction, self.allow_pickle, self.max_pixels = d.max_bad_fraction, d.allow_pickle, d.max_image_pixels
         self.res, self.channels, self.num_classes = model_cfg.resolution, model_cfg.in_channels, model_cfg.num_classes
         self.epoch, self.consumed = 0, 0  # where to start; set by Stream before each loader start
 
@@ -112,8 +112,6 @@ class ShardBatches(IterableDataset):
                 try:
                     batch.append(self._decode(sample, np.random.default_rng(entropy + [i])))
                     self.good += 1
-                except ConfigError:
-                    raise
                 except Exception as e:
                     self._bad(sample.get("__url__", "?"), f"{sample.get('__key__')}: {type(e).__name__}: {e}")
                     continue
@@ -144,11 +142,11 @@ class ShardBatches(IterableDataset):
         y = self._label(sample) if self.num_classes else 0
         r = self.res
         if self.rrc:
-            img = to_mode(Image.open(io.BytesIO(data)), self.channels)
+            img = to_mode(open_for(io.BytesIO(data), 0, self.max_pixels), self.channels)
             img = img.resize((r, r), Image.Resampling.BICUBIC, box=_crop_box(*img.size, rng))
             a = np.asarray(img, dtype=np.uint8).reshape(r, r, self.channels).transpose(2, 0, 1)
         else:
-            a = decode(data, r, self.channels)
+            a = decode(data, r, self.channels, self.max_pixels)
         if self.flip and rng.random() < 0.5:
             a = a[:, :, ::-1]
         if self.dequantize:  # uniform 1/256 dequantization: pixel k -> [k/256, (k+1)/256)
@@ -165,7 +163,7 @@ class ShardBatches(IterableDataset):
         else:
             raise BadSample("no label (.cls) but model.num_classes > 0")
         if not 0 <= y < self.num_classes:
-            raise ConfigError(f"model.num_classes: {self.num_classes}, but {sample.get('__url__')} holds label {y}")
+            raise BadSample(f"label {y} outside model.num_classes={self.num_classes}")
         return y
 
     def _bad(self, url: str, why: str) -> None:
@@ -259,10 +257,28 @@ def _check_labels(shards, model_cfg) -> None:
             raise ConfigError(f"model.num_classes: {model_cfg.num_classes}, but the shards of {url} hold {n} classes")
 
 
+def verify_shards(shards, rank: int, world_size: int) -> None:
+    """data.verify: this rank's share of the local shards against their manifest's sha256 (ConfigError naming them)."""
+    import os
+    import posixpath
+    from ebmscale.data.writer import sha256_of
+    bad = []
+    for s in shards[rank::world_size]:
+        want = {e["name"]: e.get("sha256") for e in (s.manifest or {}).get("shards", [])}.get(posixpath.basename(s.url))
+        if want and os.path.isfile(s.url) and sha256_of(s.url) != want:
+            bad.append(s.url)
+    if bad:
+        raise ConfigError(f"data.verify: {len(bad)} shard(s) differ from their manifest.json sha256 (damaged or "
+                          f"changed since written): {', '.join(bad[:5])}; re-write them (tools/make_shards.py) or "
+                          f"check with `tools/make_shards.py verify DIR`")
+
+
 def build_stream(data_cfg, model_cfg, rank: int, world_size: int, seed: int) -> Stream:
     """The per-rank training stream of `data_cfg.shards`; see the module docstring."""
     shards = resolve(data_cfg)
     count_samples(shards)
+    if data_cfg.verify:
+        verify_shards(shards, rank, world_size)
     _check_labels(shards, model_cfg)
     b, w = data_cfg.batch_size, max(1, data_cfg.workers)
     slots, total = world_size * w, sum(s.samples for s in shards)

@@ -4,7 +4,9 @@ A sample is `KEY.jpg` (or `.png`) and, when labelled, `KEY.cls` (the class index
 Items are shuffled once (seeded) so every shard mixes classes. Each shard is written as `NAME.tmp` and renamed
 when complete, and manifest.json is rewritten after every shard ("complete": false until the end): a re-run
 with the same settings keeps the complete shards and continues after them. Unreadable images are skipped,
-logged and listed under "skipped"; they never stop the run.
+logged and listed under "skipped"; they never stop the run. A worker process that dies (OOM killer, a crash in
+a codec) stops the run with an error at once, never a hang; re-running continues after the last complete shard.
+`verify_shards` checks every shard against the manifest's sha256.
 """
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ import logging
 import os
 import random
 import tarfile
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import partial
-from multiprocessing import Pool
 from pathlib import Path
 
 from tqdm import tqdm
@@ -64,13 +68,10 @@ class _ShardFile:
     def close(self, stop: int) -> dict:
         self.tar.close()
         self.file.close()
-        with open(self.tmp, "rb") as f:
-            sha = hashlib.sha256()
-            for block in iter(lambda: f.read(1 << 20), b""):
-                sha.update(block)
+        sha = sha256_of(self.tmp)
         os.replace(self.tmp, self.path)
         return {"name": self.name, "samples": self.samples, "bytes": self.path.stat().st_size,
-                "sha256": sha.hexdigest(), "class_counts": self.class_counts, "stop": stop}
+                "sha256": sha, "class_counts": self.class_counts, "stop": stop}
 
 
 def _resume(out: Path, settings: dict) -> dict:
@@ -92,6 +93,39 @@ def _resume(out: Path, settings: dict) -> dict:
     m["complete"] = m.get("complete", False) and len(keep) == len(m["shards"])
     m["shards"], m["skipped"] = keep, [x for x in m["skipped"] if x["pos"] < stop]
     return m
+
+
+def sha256_of(path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def verify_shards(out_dir) -> list[str]:
+    """Every shard of OUT_DIR/manifest.json against its recorded sha256; returns the problems (empty: all good)."""
+    out = Path(out_dir)
+    m = json.loads((out / "manifest.json").read_text())
+    bad = []
+    for s in m["shards"]:
+        path = out / s["name"]
+        if not path.is_file():
+            bad.append(f"{path}: missing")
+        elif sha256_of(path) != s["sha256"]:
+            bad.append(f"{path}: sha256 differs from manifest.json (changed or damaged since it was written)")
+    return bad
+
+
+def _ordered_map(pool, job, items, window: int):
+    """pool.map in order with at most `window` items in flight; a dead worker raises BrokenProcessPool."""
+    inflight = deque()
+    for item in items:
+        inflight.append(pool.submit(job, item))
+        if len(inflight) >= window:
+            yield inflight.popleft().result()
+    while inflight:
+        yield inflight.popleft().result()
 
 
 def _save(out: Path, manifest: dict) -> None:
@@ -123,9 +157,9 @@ def write_shards(source: Source, out_dir, prefix: str = "train", size: int = 128
     start = m["shards"][-1]["stop"] if m["shards"] else 0
     job = partial(encode, size=size, channels=channels, fmt=fmt, quality=quality)
     todo = (source.items[i] for i in order[start:])
-    pool = Pool(workers) if workers > 1 else None
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
-        results = pool.imap(job, todo, chunksize=16) if pool else map(job, todo)
+        results = _ordered_map(pool, job, todo, 64 * workers) if pool else map(job, todo)
         bar = tqdm(range(start, len(order)), initial=start, total=len(order), unit="img", disable=not progress)
         shard = None
         for pos, (data, label, err) in zip(bar, results):
@@ -144,9 +178,13 @@ def write_shards(source: Source, out_dir, prefix: str = "train", size: int = 128
             shard.add(f"{index:08d}", fmt, data, label)
         if shard:
             m["shards"].append(shard.close(stop=len(order)))
+    except BrokenProcessPool as e:
+        raise RuntimeError(f"an encoding worker process died (out of memory? a crash in an image codec?) after "
+                           f"{len(m['shards'])} complete shards in {out}; re-run the same command to continue "
+                           f"after them (fewer --workers if memory is short)") from e
     finally:
         if pool:
-            pool.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
     if not m["shards"]:
         raise ValueError(f"{source.root}: none of the {len(order)} images could be read; see the warnings above")
     m.update(complete=True, total_samples=sum(s["samples"] for s in m["shards"]), num_classes=num_classes,

@@ -1,4 +1,7 @@
-"""Load a trained energy model (and its replay buffer) from a run folder, without DeepSpeed's engine."""
+"""Load a trained energy model (and its replay buffer) from a run folder, without DeepSpeed's engine.
+
+Every file is read through checkpoint.load / safe_torch_load: tensors and plain data only, unless the user passed
+--trust-pickles (checkpoint.trust_pickles(True)): a colleague's or a downloaded run folder cannot run code."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +12,7 @@ import torch
 from ebmscale.config import from_yaml_file
 from ebmscale.log import get_logger
 from ebmscale.models import build_model, set_dropout
-from ebmscale.train.checkpoint import Checkpointer, committed, healthy_checkpoints, latest
+from ebmscale.train.checkpoint import Checkpointer, committed, healthy_checkpoints, latest, load, safe_torch_load
 
 log = get_logger(__name__)
 
@@ -32,8 +35,9 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
 def fp32_state_dict(ckpt: Path, zero_stage: int) -> dict:
     if zero_stage >= 1:  # ZeRO keeps the fp32 master weights in its optimizer partitions
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    sd = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        with safe_torch_load():
+            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    sd = load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
     return {k: v.float() for k, v in sd.items()}
 
 
@@ -54,7 +58,7 @@ def load_energy_model(path: str | Path, device: str | torch.device = "cpu"):
     if unexpected or set(missing) - buffers:
         raise RuntimeError(f"{ckpt}: weights do not fit {cfg.model.arch}: missing {missing}, unexpected {unexpected}")
     if set(missing):  # spectral-norm power-iteration vectors live in the module states, not ZeRO's fp32 copy
-        module_sd = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        module_sd = load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
         model.load_state_dict({k: module_sd[k].float() for k in missing}, strict=False)
     set_dropout(model, False)  # the release samples ResNet32Large with train=False: no dropout in evaluation
     return model.to(device).eval(), cfg, ckpt, int(state["step"])
@@ -99,6 +103,6 @@ def load_buffer(ckpt: Path) -> Optional[dict]:
     files = sorted(Path(ckpt).glob("rank_*.pt"))
     if not files:
         return None
-    shards = [torch.load(f, map_location="cpu", weights_only=False, mmap=True)["buffer"] for f in files]
+    shards = [load(f, map_location="cpu", mmap=True)["buffer"] for f in files]
     return {"images": torch.cat([s["images"] for s in shards]), "labels": torch.cat([s["labels"] for s in shards]),
             "dtype": shards[0]["dtype"]}

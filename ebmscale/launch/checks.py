@@ -185,6 +185,12 @@ def job_alive(info: dict) -> Optional[str]:
 
 
 def check_not_in_use(out: Path) -> None:
+    from ebmscale.train import runlock
+    holder = runlock.check(out)
+    if holder:
+        raise ConfigError(f"run.dir: {out} is being written by {runlock.describe(holder)} ({out / runlock.LOCK}); "
+                          f"two jobs must not write one run folder. Wait for it, stop it, or pick another "
+                          f"run.dir / run.name")
     path = out / "launch.json"
     if not path.exists():
         return

@@ -13,7 +13,8 @@ failed collective); KILLED when it stopped early on a signal (preemption, scance
 after another rank died): a relaunch on the same run_dir sets it RUNNING again. RUNNING therefore means a
 launch is alive, except after a SIGKILL of rank 0 itself (OOM killer, node loss), which leaves RUNNING until
 the next launch. If a stop was requested (stop.py's flag, set by the signal handlers) and the process has neither
-finished, closed the tracker nor logged anything (a checkpoint counts) for `killed_after_s` (15 s), e.g. because it hangs in a collective with a
+finished, closed the tracker, logged anything (a checkpoint counts) nor beaten its heartbeat (train/heartbeat.py) for
+its patience (`killed_after_s`, 15 s, or 1.5 x the trainer's own step time if longer), e.g. because it hangs in a collective with a
 dead peer (NCCL does not fail those, gloo does), the tracker marks the run KILLED itself before torchrun's
 SIGKILL (30 s after its SIGTERM).
 
@@ -44,7 +45,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from ebmscale.log import get_logger
-from ebmscale.tracking.spool import Spool
+from ebmscale.tracking.spool import Spool, SpoolFull
 
 log = get_logger(__name__)
 
@@ -128,7 +129,7 @@ class MlflowTracker:
             _warn(f"{spool_dir} belongs to another run or store; moved aside")
             spool_dir.rename(spool_dir.with_name(f"tracking_spool.orphaned-{int(time.time())}"))
         self._run_id = run_id or saved.get("run_id")
-        self.spool = Spool(spool_dir)
+        self.spool = Spool(spool_dir, int(getattr(cfg, "spool_max_mb", 0) or 0) << 20)
         self.steps: Dict[str, int] = self.spool.state.setdefault("steps", {})  # last step enqueued, per key
         for _, r in self.spool.records(start=0):
             for k in list(r.get("m", ())) + ([f"image:{r['key']}"] if r.get("op") == "image" else []):
@@ -137,6 +138,7 @@ class MlflowTracker:
         self._wake, self._stop, self._closed = threading.Event(), threading.Event(), threading.Event()
         self.killed_after_s = KILLED_AFTER_S
         self._last_put = 0.0  # monotonic time of the last record: activity the stop watchdog sees
+        self.heartbeat = None  # the trainer's (train/heartbeat.py), set by main: the watchdog judges by its pace
         self._thread = self._client = None
         self._started, self._failures = False, set()
         self._down = False
@@ -162,7 +164,7 @@ class MlflowTracker:
     def start(self, params: dict, config_yaml_path: Path, tags: dict) -> None:
         self._save()
         self._started = True
-        config = config_yaml_path and Path(config_yaml_path).exists() and self.spool.stash(config_yaml_path)
+        config = config_yaml_path and Path(config_yaml_path).exists() and self._stash(config_yaml_path)
         self._put({"op": "start", "run_name": self.run_name, "ts": _now_ms(),
                    "params": {k: str(v)[:6000] for k, v in params.items()},
                    "tags": {k: str(v)[:8000] for k, v in tags.items()}, **({"file": config} if config else {})})
@@ -197,12 +199,34 @@ class MlflowTracker:
             return
         path = self.spool.new_file("image.png")
         Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image).save(path)
+        try:
+            self.spool.admit(path)
+        except SpoolFull as e:
+            return self._drop(f"image {key} step {step}: {e}")
         self._put({"op": "image", "key": key, "step": int(step), "ts": _now_ms(),
                    "file": str(path.relative_to(self.spool.root))})
 
     @_safe
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
-        self._put({"op": "artifact", "file": self.spool.stash(path), "artifact_path": artifact_path})
+        rel = self._stash(path)
+        if rel:
+            self._put({"op": "artifact", "file": rel, "artifact_path": artifact_path})
+
+    def _stash(self, path) -> Optional[str]:
+        try:
+            return self.spool.stash(path)
+        except SpoolFull as e:
+            return self._drop(f"artifact {e}")
+
+    def _drop(self, what: str) -> None:
+        """The spool is at tracking.spool_max_mb: an image or artifact is dropped (metrics and tags never are)."""
+        self._dropped_files = getattr(self, "_dropped_files", 0) + 1
+        if self._dropped_files == 1 or self._dropped_files % 100 == 0:
+            _warn(f"tracking spool {self.spool.root} is at its cap tracking.spool_max_mb="
+                  f"{self.spool.max_bytes >> 20} while {self.tracking_uri} does not take the backlog: dropped "
+                  f"{what} ({self._dropped_files} so far). Metrics and tags are still kept; images and artifacts "
+                  f"are dropped until the backlog is sent (raise tracking.spool_max_mb, or bring the store back)")
+        return None
 
     @_safe
     def log_text(self, text: str, artifact_file: str) -> None:
@@ -214,6 +238,7 @@ class MlflowTracker:
 
     @_safe
     def record_checkpoint(self, path: Path, step: int) -> None:
+        """Called once the checkpoint is committed (trainer.commit), never for a save still in flight."""
         self.set_tags({"checkpoint.latest": str(Path(path).resolve()), "checkpoint.latest_step": int(step)})
         self.log_metrics({"checkpoint.step": step}, step)
         if self.cfg.upload_checkpoints:
@@ -254,24 +279,27 @@ class MlflowTracker:
         self.close(self.cfg.flush_timeout_s if timeout_s is None else timeout_s)
 
     def _watchdog(self) -> None:
-        """KILLED if a stop was requested and the trainer then neither ended nor logged anything (a checkpoint
-        saved counts) for killed_after_s. If it was only slow, its finish() sets the final status anyway."""
+        """KILLED if a stop was requested and the trainer then neither ended, logged anything (a checkpoint saved
+        counts) nor beat its heartbeat for its patience (killed_after_s, or 1.5 x its step time if longer). If it
+        was only slow, its finish() sets the final status anyway."""
         from ebmscale.train import stop
         while not self._closed.wait(0.5):
             if stop.stop_requested():
-                quiet_since = time.monotonic()
+                quiet_since, hb = time.monotonic(), self.heartbeat
                 while not self._closed.wait(0.5):
-                    quiet_since = max(quiet_since, self._last_put)
-                    if time.monotonic() - quiet_since > self.killed_after_s:
+                    quiet_since = max(quiet_since, self._last_put, hb.last if hb else 0.0)
+                    patience = hb.patience(self.killed_after_s) if hb else self.killed_after_s
+                    if time.monotonic() - quiet_since > patience:
                         break
                 else:
                     return
+                from ebmscale.train.heartbeat import stale
+                where = "; ".join(stale(self.run_dir, patience)) or "a dead peer rank?"
                 _warn(f"stop requested ({stop.stop_reason() or 'by a peer'}) and nothing from the trainer for "
-                      f"{self.killed_after_s:g}s: marking run {self._run_id} KILLED before a SIGKILL can come "
-                      f"(a dead peer rank?)")
+                      f"{patience:g}s: marking run {self._run_id} KILLED before a SIGKILL can come ({where})")
                 with self.spool.lock:
-                    self._put({"op": "tags", "tags": {"end_reason": f"no progress {self.killed_after_s:g}s after a "
-                                                                    f"stop request ({stop.stop_reason()})"}})
+                    self._put({"op": "tags", "tags": {"end_reason": f"no progress {patience:g}s after a "
+                                                                    f"stop request ({stop.stop_reason()}); {where}"}})
                     self._put({"op": "end", "status": "KILLED", "ts": _now_ms()})
                 return
 

@@ -5,6 +5,9 @@ nothing: whoever opens the same folder next sends what is left. spool.jsonl only
 in it is sent; `cursor` is the byte offset of the first unsent record. `state` is a small dict the owner
 keeps in step with the records (written at compaction, so state.json + spool.jsonl always cover every
 record ever appended). Files are copied under files/ at call time, so the caller may overwrite them.
+Bounded: with `max_bytes` (tracking.spool_max_mb) a file that would take unsent records plus files/ past it is
+refused (SpoolFull; the tracker drops it with a warning), while records themselves (metrics, tags) are always
+kept: artifacts go first.
 """
 import json
 import os
@@ -23,6 +26,17 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class SpoolFull(RuntimeError):
+    pass
+
+
+def _size(path: Path) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
 def _link_or_copy(src, dst):
     if os.path.getsize(src) >= LINK_BYTES:
         try:
@@ -34,8 +48,8 @@ def _link_or_copy(src, dst):
 
 
 class Spool:
-    def __init__(self, root: Path):
-        self.root = Path(root)
+    def __init__(self, root: Path, max_bytes: int = 0):
+        self.root, self.max_bytes = Path(root), max_bytes
         (self.root / "files").mkdir(parents=True, exist_ok=True)
         self.path, self.state_path = self.root / "spool.jsonl", self.root / "state.json"
         self.cursor_path = self.root / "cursor"
@@ -49,6 +63,18 @@ class Spool:
         self.cursor = int(self.cursor_path.read_text()) if self.cursor_path.exists() else 0
         if self.cursor > self._f.tell():  # crashed between truncating and rewinding the cursor
             self.cursor = 0
+        self.file_bytes = _size(self.root / "files")
+
+    def fits(self, nbytes: int) -> bool:
+        return not self.max_bytes or self.pending() + self.file_bytes + nbytes <= self.max_bytes
+
+    def admit(self, path: Path) -> None:
+        """Count a file written under new_file(); SpoolFull (and the file removed) if it does not fit."""
+        size = _size(path)
+        if not self.fits(size):
+            shutil.rmtree(Path(path).parent, ignore_errors=True)
+            raise SpoolFull(f"{Path(path).name} ({size} bytes)")
+        self.file_bytes += size
 
     def append(self, record: dict) -> None:
         with self.lock:
@@ -102,7 +128,11 @@ class Spool:
     def stash(self, src: Path) -> str:
         """Copy a file or folder into the spool; returns its path relative to the spool root."""
         src = Path(src)
+        size = _size(src)
+        if not self.fits(size):
+            raise SpoolFull(f"{src} ({size / 2 ** 20:.1f} MB)")
         dst = self.new_file(src.name)
+        self.file_bytes += size
         if src.is_dir():
             shutil.copytree(src, dst, copy_function=_link_or_copy)
         else:
@@ -110,6 +140,7 @@ class Spool:
         return str(dst.relative_to(self.root))
 
     def discard(self, rel: str) -> None:
+        self.file_bytes = max(0, self.file_bytes - _size((self.root / rel).parent))
         shutil.rmtree((self.root / rel).parent, ignore_errors=True)
 
     def close(self) -> None:

@@ -6,18 +6,42 @@ Layout of `RUN/checkpoints/step_000500/`:
   trainer.json       step, world size, tracking run id, config (rank 0)
   COMMITTED          written last by rank 0, after every rank's files are complete (barrier); JSON with
                      `healthy`: the stability guard's judgement (guard.py), a rollback goes only to healthy ones
-`RUN/checkpoints/latest` names the newest committed folder and moves only after the commit.
-A folder without COMMITTED is a partial save (a crash mid-write): it is never resumed and is
-removed on the next start.
+Before COMMITTED every rank fsyncs the folder's files and rank 0 records their sizes in it ("files"); then the
+folder and its parent are fsynced. `latest()` is the one answer to "which checkpoint": the newest *valid* committed
+folder (COMMITTED and trainer.json parse, every rank's file is there, every file has its committed size); a torn
+one is passed over with a warning naming the bad file. `RUN/checkpoints/latest` is only written from it, for people
+and DeepSpeed's tools; nothing reads it.
+Branches: `checkpoint.resume=<older step or another run's checkpoint>` moves the newer step folders (a fork: all of
+them) into `RUN/checkpoints/branched-<time>/` before anything is saved, and records the start in branch.json, so
+a relaunch with the same setting continues the branch instead of branching again. A save never writes into a
+committed folder. With the guard off, COMMITTED still records whether the weights were finite, and retention
+always keeps the newest finite checkpoint.
+A folder without COMMITTED is a partial save (a crash mid-write): it is never resumed and on the next start
+(under the run folder's writer lock, runlock.py) is moved aside into `RUN/checkpoints/partial-<time>/`, never
+deleted. Only folders named exactly `step_<digits>` are ebmscale's; anything else (`step_000000500.bak`, a user's
+copy) is left alone and never listed.
+
+Everything ebmscale writes loads with torch.load(weights_only=True) (the RNG states are stored as plain tensors,
+DeepSpeed's files need four plain classes, `safe_deepspeed_globals`); `load` refuses a file that needs more, unless
+the user trusts it (`--trust-pickles` in the tools, `checkpoint.trust_pickles`). `safe_torch_load()` routes
+DeepSpeed's own loaders through `load` as well.
+
+What is saved is one list, `Trainer.components()` (as torchtitan's checkpointer): name -> (object with
+state_dict/load_state_dict, where). "rank" parts go to this rank's rank_*.pt, "shared" parts into trainer.json
+(rank 0); the engine (model + optimizer) is DeepSpeed's own files. `restore` loads the same list back.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -31,10 +55,20 @@ from ebmscale.train import faults
 log = get_logger(__name__)
 
 COMMIT = "COMMITTED"
+BRANCH = "branch.json"
+
+
+STEP_NAME = re.compile(r"step_(\d+)")
 
 
 def tag(step: int) -> str:
     return f"step_{step:09d}"
+
+
+def step_of(folder: Path) -> Optional[int]:
+    """The step of an ebmscale checkpoint folder; None for any other name."""
+    m = STEP_NAME.fullmatch(Path(folder).name)
+    return int(m.group(1)) if m else None
 
 
 def committed(folder: Path) -> bool:
@@ -45,14 +79,14 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Committed checkpoint folders, oldest first."""
     if not root.exists():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and committed(p)),
-                  key=lambda p: int(p.name.split("_")[1]))
+    return sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) is not None and committed(p)), key=step_of)
 
 
 def healthy(folder: Path) -> bool:
-    """The guard's flag in COMMITTED; checkpoints from before the guard (or an empty marker) count as healthy."""
+    """The guard's flag (and finite weights) in COMMITTED; older checkpoints (or an empty marker) count as healthy."""
     try:
-        return bool(json.loads((folder / COMMIT).read_text()).get("healthy", True))
+        marker = json.loads((folder / COMMIT).read_text())
+        return bool(marker.get("healthy", True)) and bool(marker.get("finite", True))
     except (OSError, ValueError, AttributeError):
         return True
 
@@ -60,28 +94,149 @@ def healthy(folder: Path) -> bool:
 def healthy_checkpoints(root: Path, world_size: Optional[int] = None) -> list[Path]:
     """Committed checkpoints the guard judged healthy (written by `world_size` ranks if given), oldest first."""
     def ok(p):
-        return healthy(p) and (world_size is None or json.loads((p / "trainer.json").read_text())["world_size"] == world_size)
+        return healthy(p) and invalid(p) is None and (
+            world_size is None or json.loads((p / "trainer.json").read_text())["world_size"] == world_size)
     return [p for p in list_checkpoints(root) if ok(p)]
 
 
-def latest(root: Path) -> Optional[Path]:
-    found = list_checkpoints(root)
-    return found[-1] if found else None
+def invalid(folder: Path) -> Optional[str]:
+    """Why a committed checkpoint cannot be resumed (naming the bad file), or None."""
+    try:
+        marker = json.loads((folder / COMMIT).read_text() or "{}")
+        state = json.loads((folder / "trainer.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"{getattr(e, 'filename', None) or folder / 'trainer.json'} unreadable: {e}"
+    for r in range(int(state.get("world_size", 0))):
+        if not (folder / f"rank_{r:05d}.pt").exists():
+            return f"{folder / f'rank_{r:05d}.pt'} is missing"
+    for name, size in (marker.get("files") or {}).items():
+        f = folder / name
+        if not f.is_file() or f.stat().st_size != size:
+            return f"{f} is {'missing' if not f.is_file() else f'{f.stat().st_size} bytes'}, {size} at commit"
+    return None
+
+
+def latest(root: Path, warn: bool = True) -> Optional[Path]:
+    """The newest valid committed checkpoint: the one answer to "which checkpoint is latest"."""
+    for p in reversed(list_checkpoints(root)):
+        why = invalid(p)
+        if why is None:
+            return p
+        if warn:
+            _log(f"WARNING: skipping torn checkpoint {p.name}: {why}; falling back to the one before")
+    return None
+
+
+class RNG:
+    """The process's random generators as a checkpoint component."""
+
+    @staticmethod
+    def state_dict() -> dict:
+        return rng_state()
+
+    @staticmethod
+    def load_state_dict(sd: dict) -> None:
+        set_rng_state(sd)
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Plain tensors and numbers only (loads with weights_only=True)."""
+    version, keys, gauss = random.getstate()
+    _, np_keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "keys": torch.tensor(keys, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    if isinstance(py, dict):
+        py = (py["version"], tuple(int(k) for k in py["keys"].tolist()), py["gauss"])
+    if isinstance(npy, dict):
+        npy = ("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    random.setstate(py)
+    np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---- safe loading ---------------------------------------------------------------------------------------------
+class UntrustedFile(RuntimeError):
+    """A checkpoint file that needs arbitrary pickled objects to load (it could run code)."""
+
+
+TRUST_PICKLES = False  # set by the tools' --trust-pickles and checkpoint.trust_pickles
+_torch_load = torch.load
+
+
+def trust_pickles(on: bool) -> None:
+    global TRUST_PICKLES
+    TRUST_PICKLES = bool(on)
+
+
+def safe_deepspeed_globals() -> list:
+    """The plain-data classes DeepSpeed pickles into its checkpoint files."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load(path, trust: Optional[bool] = None, **kw):
+    """torch.load with weights_only=True (plus DeepSpeed's plain classes); UntrustedFile for a file that needs
+    more, unless `trust` (default: TRUST_PICKLES)."""
+    kw.pop("weights_only", None)
+    if TRUST_PICKLES if trust is None else trust:
+        return _torch_load(path, weights_only=False, **kw)
+    try:
+        extra = safe_deepspeed_globals()
+    except ImportError:
+        extra = []
+    try:
+        with torch.serialization.safe_globals(extra):
+            return _torch_load(path, weights_only=True, **kw)
+    except pickle.UnpicklingError as e:
+        why = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), str(e).splitlines()[0])
+        raise UntrustedFile(f"{path}: refusing to load, it holds more than tensors and plain data ({why[:200]}); "
+                            f"loading it could run code. Only if you trust who wrote it: pass --trust-pickles "
+                            f"(tools) or checkpoint.trust_pickles=true (training)") from None
+
+
+@contextmanager
+def safe_torch_load(trust: Optional[bool] = None):
+    """Every torch.load inside (DeepSpeed's loaders: engine.load_checkpoint, zero_to_fp32) goes through `load`."""
+    def guarded(f, map_location=None, *args, **kw):
+        return load(f, trust, map_location=map_location, **kw)
+    torch.load = guarded
+    try:
+        yield
+    finally:
+        torch.load = _torch_load
+
+
+def fingerprint(obj) -> str:
+    """A short digest of tensors/arrays/values, printed on resume so a person (or a test) can check it."""
+    h = hashlib.sha256()
+    def feed(o):
+        if isinstance(o, dict):
+            for k in sorted(o):
+                h.update(str(k).encode()); feed(o[k])
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                feed(v)
+        elif isinstance(o, torch.Tensor):
+            h.update(o.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif hasattr(o, "tobytes"):
+            h.update(o.tobytes())
+        else:
+            h.update(repr(o).encode())
+    feed(obj)
+    return h.hexdigest()[:16]
 
 
 def _barrier() -> None:
@@ -105,6 +260,14 @@ def _atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _save_file(obj, path: Path) -> None:
@@ -133,32 +296,78 @@ class Checkpointer:
         target = None
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            for p in self.root.iterdir():
-                if p.is_dir() and p.name.startswith("step_") and not committed(p):
-                    log.warning(f"removing partial checkpoint {p} (no {COMMIT} marker)")
-                    shutil.rmtree(p, ignore_errors=True)
+            for p in sorted(self.root.iterdir()):
+                if p.is_dir() and step_of(p) is not None and not committed(p):
+                    aside = self.root / f"partial-{time.strftime('%Y%m%d-%H%M%S')}"
+                    aside.mkdir(exist_ok=True)
+                    _log(f"moving partial checkpoint {p} (no {COMMIT} marker) aside to {aside}")
+                    os.replace(p, aside / p.name)
             mode = self.cfg.resume
-            if mode == "auto":
-                target = latest(self.root)
-            elif mode != "never":
-                target = Path(mode)
+            if mode not in ("auto", "never"):
+                target = Path(mode).resolve()
                 if not committed(target):
                     raise FileNotFoundError(f"checkpoint.resume={mode}: not a committed checkpoint folder "
                                             f"(missing {target / COMMIT})")
+                if self.branched_from() == str(target) and list_checkpoints(self.root):
+                    _log(f"checkpoint.resume={mode}: this run folder already branched from it "
+                         f"({self.root / BRANCH}); continuing the branch from its latest checkpoint")
+                    mode = "auto"
+                else:
+                    self.branch(target)
+            if mode == "auto":
+                target = latest(self.root)
             target = str(target) if target else None
         target = broadcast(target)
         return Path(target) if target else None
 
+    def branched_from(self) -> Optional[str]:
+        try:
+            return json.loads((self.root / BRANCH).read_text())["from"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def branch(self, target: Path) -> None:
+        """A new line of history starts at `target`: newer step folders here (a fork from another run: all of
+        them) move into branched-<time>/, and branch.json records the start."""
+        since = step_of(target) if target.parent == self.root.resolve() else -1
+        newer = [p for p in sorted(self.root.iterdir()) if p.is_dir() and (step_of(p) if step_of(p) is not None
+                                                                             else -1) > since]
+        aside = self.root / f"branched-{time.strftime('%Y%m%d-%H%M%S')}"
+        if newer:
+            aside.mkdir(exist_ok=True)
+            for p in newer:
+                os.replace(p, aside / p.name)
+            _log(f"checkpoint.resume={target}: a new branch; the {len(newer)} later checkpoint folder(s) "
+                 f"{', '.join(p.name for p in newer)} moved to {aside}")
+        _atomic_write(self.root / BRANCH, json.dumps({"from": str(target), "time": time.time(),
+                                                      "moved_to": str(aside) if newer else None}))
+        self._point_latest()
+
+    def _point_latest(self) -> None:
+        newest = latest(self.root, warn=False)
+        if newest is not None:
+            _atomic_write(self.root / "latest", newest.name + "\n")
+
+    @property
+    def pending(self) -> bool:
+        return self._pending is not None
+
     # ---- saving -------------------------------------------------------------------------------
     def save(self, engine, step: int, rank_state: dict, trainer_state: dict) -> Path:
+        """DeepSpeed's files, then `rank_state` (this rank's file) and `trainer_state` (trainer.json, rank 0)."""
         self.commit()  # at most one save in flight
         t0 = time.perf_counter()
         folder = self.root / tag(step)
+        if self.rank == 0 and committed(folder):  # never write into a committed checkpoint
+            aside = self.root / f"branched-{time.strftime('%Y%m%d-%H%M%S')}"
+            aside.mkdir(exist_ok=True)
+            os.replace(folder, aside / folder.name)
+            _log(f"WARNING: {folder} was committed already (another line of history); moved to {aside}")
+        _barrier()
         engine.save_checkpoint(str(self.root), tag=tag(step), save_latest=False)
         faults.maybe_kill("kill_in_save", step, self.rank)
         if self.rank == 0:
             _atomic_write(folder / "trainer.json", json.dumps(trainer_state, indent=1, default=str))
-        rank_state = {**rank_state, "rng": rng_state()}
         if self.cfg.async_buffer:
             thread = threading.Thread(target=self._write_rank_file, args=(folder, rank_state), daemon=True)
             thread.start()
@@ -175,9 +384,10 @@ class Checkpointer:
         except BaseException as e:  # surfaced at commit time, never lost silently
             self._error.append(e)
 
-    def commit(self, healthy: bool = True) -> Optional[Path]:
-        """Every rank's files complete -> barrier -> rank 0 writes COMMITTED (with the guard's `healthy`),
-        moves `latest`, prunes."""
+    def commit(self, healthy: bool = True, finite: bool = True) -> Optional[Path]:
+        """Every rank's files complete and fsynced -> barrier -> rank 0 writes COMMITTED (with the guard's
+        `healthy`, whether the weights were `finite`, every file's size), fsyncs the folders, moves `latest`,
+        prunes."""
         if self._pending is None:
             return None
         folder, _, thread = self._pending
@@ -186,16 +396,25 @@ class Checkpointer:
             thread.join()
         if self._error:
             raise RuntimeError(f"writing {folder}/rank_{self.rank:05d}.pt failed") from self._error.pop()
+        for f in folder.rglob("*"):  # each rank its own files (rank 0 the shared ones too) on disk before the commit
+            if f.is_file() and (self.rank == 0 or f"pp_rank_{self.rank}_" in f.name or f.name == f"rank_{self.rank:05d}.pt"):
+                _fsync(f)
         _barrier()
         if self.rank == 0:
             missing = [r for r in range(self.world_size) if not (folder / f"rank_{r:05d}.pt").exists()]
             if missing:
                 raise RuntimeError(f"checkpoint {folder} lacks the files of ranks {missing}; not committed")
-            _atomic_write(folder / COMMIT, json.dumps({"step": int(folder.name.split('_')[1]),
-                                                       "world_size": self.world_size, "time": time.time(),
-                                                       "healthy": bool(healthy)}))
-            _atomic_write(self.root / "latest", folder.name + "\n")
+            files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMMIT)
+            for d in {f.parent for f in files} | {folder}:
+                _fsync(d)
+            _atomic_write(folder / COMMIT, json.dumps({
+                "step": step_of(folder), "world_size": self.world_size, "time": time.time(),
+                "healthy": bool(healthy), "finite": bool(finite),
+                "files": {str(f.relative_to(folder)): f.stat().st_size for f in files}}))
+            _fsync(folder)
+            _fsync(self.root)
             self.prune()
+            self._point_latest()
         _barrier()
         return folder
 
@@ -203,7 +422,7 @@ class Checkpointer:
         found = list_checkpoints(self.root)
         keep = set(found[-self.cfg.keep_last:]) | set(healthy_checkpoints(self.root)[-1:])  # somewhere to roll back to
         if self.cfg.keep_every:
-            keep |= {p for p in found if int(p.name.split("_")[1]) % self.cfg.keep_every == 0}
+            keep |= {p for p in found if step_of(p) % self.cfg.keep_every == 0}
         for p in found:
             if p not in keep:
                 shutil.rmtree(p, ignore_errors=True)
@@ -218,11 +437,11 @@ class Checkpointer:
     def discard_after(self, folder: Path) -> None:
         """Remove every checkpoint newer than `folder` (written after the run went bad) and point `latest` at it."""
         if self.rank == 0:
-            step = int(folder.name.split("_")[1])
+            step = step_of(folder)
             for p in self.root.iterdir():
-                if p.is_dir() and p.name.startswith("step_") and int(p.name.split("_")[1]) > step:
+                if p.is_dir() and (step_of(p) or -1) > step:
                     shutil.rmtree(p, ignore_errors=True)
-            _atomic_write(self.root / "latest", folder.name + "\n")
+            self._point_latest()
         _barrier()
 
     def write_trainer_state(self, folder: Path, state: dict) -> None:
@@ -238,4 +457,47 @@ class Checkpointer:
     @staticmethod
     def read_rank_files(folder: Path) -> list[dict]:
         files = sorted(folder.glob("rank_*.pt"))
-        return [torch.load(f, map_location="cpu", weights_only=False, mmap=True) for f in files]
+        return [load(f, map_location="cpu", mmap=True) for f in files]
+
+
+def _log(msg: str) -> None:
+    (log.warning if msg.startswith("WARNING") else log.info)(msg)
+
+
+def restore(trainer, folder: Path, load_dir: Optional[Path] = None, data_and_rng: bool = True) -> None:
+    """Load `trainer.components()` from `folder` and the engine from `load_dir` (default `folder`; a universal
+    checkpoint for a new world size). `data_and_rng=False` (a guard rollback): the stream moves on past the
+    batches that went bad and the caller reseeds."""
+    folder, load_dir = Path(folder), Path(load_dir or folder)
+    rank, world_size = trainer.rank, trainer.world_size
+    state = Checkpointer.read_trainer_state(folder)
+    with safe_torch_load():
+        trainer.engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name, load_lr_scheduler_states=False)
+    parts = trainer.components()
+    for name, (part, where) in parts.items():
+        if where == "shared" and (name == "trainer" or name in state):
+            part.load_state_dict(state if name == "trainer" else state[name])
+    wanted = [n for n, (_, where) in parts.items() if where == "rank" and (data_and_rng or n == "buffer")]
+    files = sorted(folder.glob("rank_*.pt"))
+    buffer = parts["buffer"][0]
+    if state["world_size"] == world_size:
+        mine = load(files[rank], map_location="cpu", mmap=True)
+        for name in wanted:
+            parts[name][0].load_state_dict(mine[name])
+        _log(f"rank {rank}: {'resumed' if data_and_rng else 'rolled back to'} step {trainer.step} from {folder}; "
+             f"buffer {len(buffer)} samples sha {fingerprint(buffer.state_dict())}; rng sha {fingerprint(mine['rng'])}")
+        return
+    from ebmscale.buffer import reshard
+    shards = [load(f, map_location="cpu", mmap=True) for f in files]
+    share, dropped = reshard([s["buffer"] for s in shards], world_size, rank, buffer.capacity)
+    buffer.load_state_dict(share)
+    if data_and_rng:
+        parts["stream"][0].load_state_dict(shards[0]["stream"])
+    torch.manual_seed(trainer.cfg.run.seed + 7919 * rank + trainer.step)
+    if os.environ.get("EBMSCALE_DUMP_BUFFER_ON_RESUME"):  # lets a drill verify that no sample was lost
+        dump = Path(os.environ["EBMSCALE_DUMP_BUFFER_ON_RESUME"])
+        dump.mkdir(parents=True, exist_ok=True)
+        torch.save(buffer.state_dict(), dump / f"rank_{rank}.pt")
+    note = f"; {dropped} oldest samples did not fit buffer.capacity" if dropped else ""
+    _log(f"rank {rank}: resumed step {trainer.step} from {folder} written by {state['world_size']} ranks on "
+         f"{world_size}: buffer re-sharded ({len(buffer)} samples here{note}), optimizer via universal checkpoint")

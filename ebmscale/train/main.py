@@ -6,7 +6,6 @@ Runs the same under the launcher (submitit, local or SLURM), torchrun, srun or p
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -22,14 +21,14 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from ebmscale import distributed, precision
-from ebmscale.buffer import ReplayBuffer, build_buffer, reshard
+from ebmscale.buffer import build_buffer
 from ebmscale.config import ConfigError, flatten, from_yaml_file, run_dir, to_yaml
 from ebmscale.data import build_stream
 from ebmscale.log import get_logger, setup as setup_logging
 from ebmscale.models import build_model
 from ebmscale.tracking import build_tracker, pictures
-from ebmscale.train import stop
-from ebmscale.train.checkpoint import Checkpointer, set_rng_state
+from ebmscale.train import runlock, stop
+from ebmscale.train.checkpoint import Checkpointer, broadcast, fingerprint, restore, trust_pickles  # noqa: F401 (fingerprint: tests)
 from ebmscale.train.ds_config import build_ds_config, compute_dtype
 from ebmscale.train.guard import GuardFailure, check_discard_supported
 from ebmscale.train.optim import build_optimizer
@@ -64,13 +63,28 @@ def prepare_run_dir(cfg, out: Path) -> None:
         log(f"run.overwrite: previous checkpoints moved to {aside}")
     saved = out / "config.yaml"
     if saved.exists() and has_ckpt and cfg.checkpoint.resume != "never":
-        old = from_yaml_file(saved)
-        for key in FROZEN_KEYS:
-            a, b = OmegaConf.select(old, key), OmegaConf.select(cfg, key)
-            if a != b:
-                raise ConfigError(f"{key} differs from the run being resumed in {out} ({a} -> {b}); "
-                                  f"use a new run.dir for a different model")
+        check_frozen(cfg, out)
     (out / "config.yaml").write_text(to_yaml(cfg))
+
+
+def check_frozen(cfg, run: Path) -> None:
+    """The keys that change what a checkpoint means must match the run folder being resumed (or forked)."""
+    if not (run / "config.yaml").exists():
+        return
+    old = from_yaml_file(run / "config.yaml")
+    for key in FROZEN_KEYS:
+        a, b = OmegaConf.select(old, key), OmegaConf.select(cfg, key)
+        if a != b:
+            raise ConfigError(f"{key} differs from the run being resumed in {run} ({a} -> {b}); "
+                              f"use a new run.dir for a different model")
+
+
+def fork_parent(resume, out: Path):
+    """The run folder `resume` belongs to when that is another run (a fork), else None."""
+    if resume is None:
+        return None
+    parent = Path(resume).resolve().parent.parent
+    return None if parent == out.resolve() else parent
 
 
 def git_commit() -> str:
@@ -105,60 +119,6 @@ def to_universal(folder: Path, rank: int) -> Path:
     return out
 
 
-def fingerprint(obj) -> str:
-    """A short digest of tensors/arrays/values, printed on resume so a person (or a test) can check it."""
-    h = hashlib.sha256()
-    def feed(o):
-        if isinstance(o, dict):
-            for k in sorted(o):
-                h.update(str(k).encode())
-                feed(o[k])
-        elif isinstance(o, (list, tuple)):
-            for v in o:
-                feed(v)
-        elif isinstance(o, torch.Tensor):
-            h.update(o.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif hasattr(o, "tobytes"):
-            h.update(o.tobytes())
-        else:
-            h.update(repr(o).encode())
-    feed(obj)
-    return h.hexdigest()[:16]
-
-
-def restore(trainer: Trainer, engine, buffer: ReplayBuffer, stream, folder: Path, load_dir: Path,
-            rank: int, world_size: int, seed: int, data_and_rng: bool = True) -> None:
-    """Model, optimizer, replay buffer, trainer state; and the data position and RNG unless `data_and_rng` is
-    False (a guard rollback: the stream moves on past the batches that went bad, the caller reseeds)."""
-    state = Checkpointer.read_trainer_state(folder)
-    engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name, load_lr_scheduler_states=False)
-    trainer.load_state_dict(state)
-    files = sorted(folder.glob("rank_*.pt"))
-    if state["world_size"] == world_size:
-        mine = torch.load(files[rank], map_location="cpu", weights_only=False, mmap=True)
-        buffer.load_state_dict(mine["buffer"])
-        if data_and_rng:
-            stream.load_state_dict(mine["stream"])
-            set_rng_state(mine["rng"])
-        log(f"rank {rank}: {'resumed' if data_and_rng else 'rolled back to'} step {trainer.step} from {folder}; "
-            f"buffer {len(buffer)} samples "
-            f"sha {fingerprint(buffer.state_dict())}; rng sha {fingerprint(mine['rng'])}")
-        return
-    shards = [torch.load(f, map_location="cpu", weights_only=False, mmap=True) for f in files]
-    share, dropped = reshard([s["buffer"] for s in shards], world_size, rank, buffer.capacity)
-    buffer.load_state_dict(share)
-    if data_and_rng:
-        stream.load_state_dict(shards[0]["stream"])
-    torch.manual_seed(seed + 7919 * rank + trainer.step)
-    if os.environ.get("EBMSCALE_DUMP_BUFFER_ON_RESUME"):  # lets a drill verify that no sample was lost
-        dump = Path(os.environ["EBMSCALE_DUMP_BUFFER_ON_RESUME"])
-        dump.mkdir(parents=True, exist_ok=True)
-        torch.save(buffer.state_dict(), dump / f"rank_{rank}.pt")
-    note = f"; {dropped} oldest samples did not fit buffer.capacity" if dropped else ""
-    log(f"rank {rank}: resumed step {trainer.step} from {folder} written by {state['world_size']} ranks on "
-        f"{world_size}: buffer re-sharded ({len(buffer)} samples here{note}), optimizer via universal checkpoint")
-
-
 def settle_precision(cfg, d: distributed.Dist, out: Path, checkpoint_precision) -> precision.Resolution:
     """train.precision auto -> what this hardware runs natively, the same on every rank; recorded in the run's
     config.yaml and precision.json (tools/status.py) and logged with the reason."""
@@ -189,18 +149,45 @@ def build_engine(cfg, rank: int, ds_cfg: dict):
     return engine
 
 
+def take_run_folder(out: Path, rank: int):
+    """Rank 0 takes the run folder's writer lock before anything is written; every rank hears a refusal."""
+    held, refused = None, None
+    if rank == 0:
+        try:
+            held = runlock.acquire(out, log)
+        except runlock.RunFolderInUse as e:
+            refused = str(e)
+    refused = broadcast(refused)
+    if refused:
+        raise runlock.RunFolderInUse(refused)
+    return held
+
+
 def main(cfg) -> stop.Outcome:
     d = distributed.init(timeout_s=cfg.train.collective_timeout_s)
     setup_logging(d.rank)
-    torch.set_num_threads(cfg.train.threads or distributed.cpu_threads(d.local_world_size, cfg.data.workers))
     out = run_dir(cfg).resolve()
+    held = take_run_folder(out, d.rank)
+    try:
+        return _main(cfg, d, out)
+    finally:
+        if held:
+            runlock.release(out, held)
+
+
+def _main(cfg, d, out: Path) -> stop.Outcome:
+    torch.set_num_threads(cfg.train.threads or distributed.cpu_threads(d.local_world_size, cfg.data.workers))
     if d.rank == 0:
         prepare_run_dir(cfg, out)
     if dist.is_initialized():
         dist.barrier()
+    trust_pickles(cfg.checkpoint.trust_pickles)
     ckpt = Checkpointer(out / "checkpoints", cfg.checkpoint, d.rank, d.world_size)
     resume = ckpt.resume_target()
     prev = Checkpointer.read_trainer_state(resume) if resume else None
+    parent = fork_parent(resume, out)
+    if parent:
+        check_frozen(cfg, parent)
     resolved = settle_precision(cfg, d, out, (prev or {}).get("precision"))
 
     ds_cfg = build_ds_config(cfg, d.world_size)
@@ -211,15 +198,21 @@ def main(cfg) -> stop.Outcome:
     engine = build_engine(cfg, d.rank, ds_cfg)
     buffer = build_buffer(cfg, engine.device)
     stream = build_stream(cfg.data, cfg.model, d.rank, d.world_size, cfg.run.seed)
-    run_id = (prev or {}).get("tracking", {}).get("run_id")
+    # a fork starts its own MLflow run (and records its parent); a resume continues the run's own
+    run_id = None if parent else (prev or {}).get("tracking", {}).get("run_id")
     tracker = build_tracker(cfg.tracking, out, d.rank, run_id, cfg.run.name)
     trainer = Trainer(cfg, engine, buffer, stream, tracker, ckpt, d.rank, d.world_size, out, pictures)
+    tracker.heartbeat = trainer.heartbeat  # the KILLED watchdog judges by the trainer's own pace
     if resume:
-        restore(trainer, engine, buffer, stream, resume, load_dir, d.rank, d.world_size, cfg.run.seed)
+        restore(trainer, resume, load_dir)
     hosts = all_hosts()
     tags = {"world_size": d.world_size, "hosts": hosts, "git_commit": git_commit(),
             "precision": resolved.precision, "precision_reason": resolved.reason,
             "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), "resumed_from_step": trainer.step}
+    if parent:
+        tags.update({"parent_run_id": (prev.get("tracking") or {}).get("run_id") or "", "parent_run_dir": str(parent),
+                     "parent_checkpoint": str(resume)})
+        log(f"fork of {parent} at step {trainer.step}: a new MLflow run")
     params = {**flatten(cfg), **{f"deepspeed.{k}": v for k, v in flatten(OmegaConf.create(ds_cfg)).items()},
               "precision.requested": resolved.requested, "precision.reason": resolved.reason}
     tracker.start(params, out / "config.yaml", tags)

@@ -20,9 +20,10 @@ from ebmscale.log import get_logger
 from ebmscale.progress import progress_line
 from ebmscale.sampling import frozen, langevin, model_energy
 from ebmscale.train import faults, stop
-from ebmscale.train.checkpoint import Checkpointer, healthy_checkpoints
+from ebmscale.train.checkpoint import RNG, Checkpointer, healthy_checkpoints, restore, step_of
 from ebmscale.train.ds_config import compute_dtype
 from ebmscale.train.guard import SEVERITY, Guard, GuardFailure, Verdict, build_guard, discard_gradients
+from ebmscale.train.heartbeat import Heartbeat
 from ebmscale.train.loss import cd_loss
 
 log = get_logger(__name__)
@@ -41,6 +42,7 @@ class Trainer:
         self.images_seen = 0
         self._saved_step = -1
         self.guard = guard or build_guard(cfg, world_size, self.device)
+        self.heartbeat = Heartbeat(self.run_dir, rank)
 
     # ---- one step -----------------------------------------------------------------------------
     def sample_negatives(self, n: int, frames: Optional[list] = None, y_pos: Optional[torch.Tensor] = None):
@@ -94,14 +96,15 @@ class Trainer:
         bar = tqdm(total=steps, initial=self.step, disable=self.rank != 0 or not sys.stderr.isatty(),
                    dynamic_ncols=True, desc="train")
         self._started = (time.perf_counter(), self.step)
-        data = iter(self.stream)
+        self._data = iter(self.stream)
         self._window = [time.perf_counter(), 0, 0.0]  # since the last log: start, images, data seconds
         self.apply_remedies()
         if self.step == 0 and self.cfg.guard.initial_checkpoint:
             self.save()
+        self.heartbeat.beat(self.step)
         while self.step < steps:
             td = time.perf_counter()
-            x_pos, y_pos = next(data)
+            x_pos, y_pos = self.next_batch()
             x_pos = x_pos.to(self.device, non_blocking=True).float()
             y_pos = y_pos.to(self.device, non_blocking=True)
             self._window[2] += time.perf_counter() - td
@@ -109,7 +112,7 @@ class Trainer:
             frames = [] if want_gif else None
             out = self.train_step(x_pos, y_pos, frames)  # forward + backward
             verdict = self.guard.check(self.step + 1, out, self.engine, stop.stop_requested())  # the one all-reduce
-            self.ckpt.commit(healthy=self.guard.healthy(self.step))  # the last save, judged by the step run on it
+            self.commit()  # the last save, judged by the step run on it
             if verdict.action in ("rollback", "stop"):
                 self.rollback(verdict)  # GuardFailure when it may not
                 bar.n = self.step
@@ -121,16 +124,25 @@ class Trainer:
                 bar.update(1)
             if verdict.stop_requested and self.step < steps:
                 return self.preempt(bar)
+            self.heartbeat.beat(self.step)
             faults.maybe_kill("kill_at_step", self.step, self.rank)
             if self.step % self.cfg.checkpoint.every == 0 or self.step == steps:
                 self.save()
-        self.ckpt.commit(healthy=self.guard.healthy(self.step))
+        self.commit()
         bar.close()
         return stop.Outcome.COMPLETED
 
+    def next_batch(self):
+        """The next batch; a finite stream (data.resampled=false) ends each epoch, and the next one starts here."""
+        try:
+            return next(self._data)
+        except StopIteration:
+            self._data = iter(self.stream)
+            return next(self._data)
+
     def preempt(self, bar) -> stop.Outcome:
         self.save()
-        self.ckpt.commit(healthy=self.guard.healthy(self.step))
+        self.commit()
         log.info(f"rank {self.rank}: stop requested ({stop.stop_reason() or 'by a peer'}); "
                  f"checkpoint committed at step {self.step}")
         bar.close()
@@ -164,7 +176,6 @@ class Trainer:
     def rollback(self, v: Verdict) -> None:
         """Back to the newest healthy checkpoint (model, optimizer, replay buffer; the data stream moves on past
         the batches that went bad, the RNG is reseeded), then the next remedy. GuardFailure when it may not."""
-        from ebmscale.train.main import restore  # main imports this module
         discard_gradients(self.engine)
         target = self.ckpt.rollback_target()
         why = self.guard.refuse_rollback(v, target)
@@ -173,8 +184,7 @@ class Trainer:
         self.report(v, "rollback", target, self.guard.next_remedy())
         keep = self.guard.state_dict()["run"]
         self.ckpt.discard_after(target)
-        restore(self, self.engine, self.buffer, self.stream, target, target, self.rank, self.world_size,
-                self.cfg.run.seed, data_and_rng=False)
+        restore(self, target, data_and_rng=False)
         self.guard.load_state_dict({**self.guard.state_dict(), "run": keep})
         torch.manual_seed(self.cfg.run.seed + 7919 * self.rank + 104729 * self.guard.rollbacks + self.step)
         self.apply_remedies()
@@ -276,23 +286,41 @@ class Trainer:
         self.tracker.log_artifact(path, "chains")
 
     # ---- state --------------------------------------------------------------------------------
+    def components(self) -> dict:
+        """Everything a checkpoint holds besides the engine: name -> (state_dict/load_state_dict, where);
+        "rank": this rank's rank_*.pt, "shared": trainer.json (the trainer's own counters at its top level)."""
+        return {"buffer": (self.buffer, "rank"), "stream": (self.stream, "rank"), "rng": (RNG, "rank"),
+                "trainer": (self, "shared"), "guard": (self.guard, "shared")}
+
     def state_dict(self) -> dict:
-        return {"step": self.step, "images_seen": self.images_seen, "guard": self.guard.state_dict()}
+        return {"step": self.step, "images_seen": self.images_seen}
 
     def load_state_dict(self, sd: dict) -> None:
         self.step, self.images_seen = int(sd["step"]), int(sd["images_seen"])
-        if "guard" in sd:
-            self.guard.load_state_dict(sd["guard"])
+
+    def commit(self) -> None:
+        """Commit the save in flight, judged by the guard and by whether its weights are finite (with the guard off,
+        retention still keeps the newest finite checkpoint)."""
+        if self.ckpt.pending:
+            self.heartbeat.beat(self.step, "commit")
+            params = [p.detach() for p in self.engine.module.parameters()]
+            finite = bool(torch.stack(torch._foreach_norm(params)).isfinite().all()) if params else True
+            folder = self.ckpt.commit(healthy=self.guard.healthy(self.step), finite=finite)
+            if folder is not None and self.rank == 0:  # recorded (and uploaded) only once committed
+                self.tracker.record_checkpoint(folder, step_of(folder))
 
     def save(self) -> None:
         if (self.step == 0 and not self.cfg.guard.initial_checkpoint) or self.step == self._saved_step:
             return
         self._saved_step = self.step
-        rank_state = {"buffer": self.buffer.state_dict(), "stream": self.stream.state_dict(),
-                      "rank": self.rank, "world_size": self.world_size}
-        trainer_state = {**self.state_dict(), "world_size": self.world_size,
+        self.heartbeat.beat(self.step, "save")
+        rank_state, trainer_state = {"rank": self.rank, "world_size": self.world_size}, {}
+        for name, (part, where) in self.components().items():
+            if where == "rank":
+                rank_state[name] = part.state_dict()
+            else:
+                trainer_state.update(part.state_dict() if name == "trainer" else {name: part.state_dict()})
+        trainer_state = {**trainer_state, "world_size": self.world_size,
                          "tracking": self.tracker.state_dict(), "precision": self.cfg.train.precision,
                          "zero_stage": self.cfg.train.zero_stage}
-        folder = self.ckpt.save(self.engine, self.step, rank_state, trainer_state)
-        if self.rank == 0:
-            self.tracker.record_checkpoint(folder, self.step)
+        self.ckpt.save(self.engine, self.step, rank_state, trainer_state)

@@ -1,0 +1,61 @@
+"""Per-rank heartbeat: RUN/heartbeat/rank_NNNNN.json says what each rank last did (step, phase, host, pid, time)
+and how long its steps take (`step_s`, a running mean). The trainer beats at every step boundary and around
+checkpoint saves; the file is rewritten at most once a second. Readers judge liveness against the rank's own
+pace, not a fixed time: the tracker's KILLED watchdog (rank 0, in process), `stale()` for another process
+(a launcher, `tools/status.py`, a person) naming the ranks that stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Optional
+
+WRITE_EVERY_S = 1.0
+
+
+class Heartbeat:
+    def __init__(self, run_dir: Path, rank: int):
+        self.path = Path(run_dir) / "heartbeat" / f"rank_{rank:05d}.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rank, self.host, self.pid = rank, socket.gethostname(), os.getpid()
+        self.step: Optional[int] = None
+        self.phase, self.step_s, self.last = "start", None, time.monotonic()
+        self._step_t, self._written = self.last, 0.0
+
+    def beat(self, step: int, phase: str = "train") -> None:
+        now = time.monotonic()
+        if self.step is not None and step != self.step:
+            dt = (now - self._step_t) / max(1, abs(step - self.step))
+            self.step_s = dt if self.step_s is None else 0.8 * self.step_s + 0.2 * dt
+        if step != self.step:
+            self._step_t = now
+        changed = phase != self.phase
+        self.step, self.phase, self.last = step, phase, now
+        if changed or now - self._written >= WRITE_EVERY_S:
+            self._written = now
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps({"rank": self.rank, "host": self.host, "pid": self.pid, "step": step,
+                                       "phase": phase, "step_s": self.step_s, "time": time.time()}))
+            os.replace(tmp, self.path)
+
+    def patience(self, floor_s: float) -> float:
+        """How long this rank may stay silent before it counts as stuck: its own pace, at least floor_s."""
+        return max(floor_s, 1.5 * (self.step_s or 0.0))
+
+
+def stale(run_dir: Path, floor_s: float = 60.0) -> list[str]:
+    """The ranks whose heartbeat file is older than their patience, described with host, pid, step and phase."""
+    out, now = [], time.time()
+    for f in sorted((Path(run_dir) / "heartbeat").glob("rank_*.json")):
+        try:
+            b = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        quiet = now - b["time"]
+        if quiet > max(floor_s, 1.5 * (b.get("step_s") or 0.0)):
+            out.append(f"rank {b['rank']} on {b['host']} (pid {b['pid']}): silent {quiet:.0f} s at step {b['step']} "
+                       f"({b['phase']})")
+    return out
