@@ -225,7 +225,8 @@ def fingerprint(obj) -> str:
     def feed(o):
         if isinstance(o, dict):
             for k in sorted(o):
-                h.update(str(k).encode()); feed(o[k])
+                h.update(str(k).encode())
+                feed(o[k])
         elif isinstance(o, (list, tuple)):
             for v in o:
                 feed(v)
