@@ -123,6 +123,10 @@ class TrainConfig:
     zero_stage: int = 2
     log_every: int = 10
     sample_every: int = 500  # sample grid PNG (and MLflow image)
+    # GPU speed switches, off until measured on a GPU (issue 18): cuDNN's autotuner for the fixed shapes of
+    # sampling and update; NHWC input for the update's forward/backward as the sampler already uses
+    cudnn_benchmark: bool = False
+    channels_last_update: bool = False
     grad_reduce_fp32: bool = True  # bf16: all-reduce / reduce-scatter gradients in fp32 (DeepSpeed communication_data_type)
     collective_timeout_s: float = 600.0  # a collective waits this long for a peer, then the job fails (not hangs)
     threads: int = 0  # torch intra-op threads per rank on CPU; 0 = this rank's share of the usable cores, less its loader workers

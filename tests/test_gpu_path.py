@@ -165,3 +165,27 @@ def test_bf16_gradients_are_reduced_in_fp32_by_default():
     assert build_ds_config(cfg, 2)["communication_data_type"] == "fp32"
     cfg = load_config(ROOT / "configs" / "digits.yaml", ["train.precision=bf16", "train.grad_reduce_fp32=false"])
     assert "communication_data_type" not in build_ds_config(cfg, 2)
+
+
+def test_universal_conversion_waits_on_its_marker_not_a_collective(tmp_path):
+    """Ranks other than 0 wait for rank 0's conversion by its marker file (a large one outlasts the collective
+    timeout); a failed conversion is a clear error on every rank, not a hang."""
+    from ebmscale.train.main import to_universal
+    folder = tmp_path / "checkpoints" / "step_000000004"
+    folder.mkdir(parents=True)  # not a DeepSpeed checkpoint: the conversion fails
+    with pytest.raises(Exception):
+        to_universal(folder, rank=0)
+    assert (tmp_path / "checkpoints" / "step_000000004_universal" / "FAILED").exists()
+    with pytest.raises(RuntimeError, match="could not convert"):
+        to_universal(folder, rank=1)
+
+
+def test_gpu_speed_switches_are_off_by_default_and_change_no_maths():
+    from ebmscale.models import build_model
+    cfg = load_config(ROOT / "configs" / "digits.yaml", ["model.filters=8"])
+    assert not cfg.train.cudnn_benchmark and not cfg.train.channels_last_update
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    x, y = torch.rand(4, 1, 16, 16), torch.arange(4)
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(model(x, y), model(nhwc, y), atol=1e-5)

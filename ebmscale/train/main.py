@@ -107,13 +107,25 @@ def all_hosts() -> str:
 def to_universal(folder: Path, rank: int) -> Path:
     """ZeRO optimizer shards -> DeepSpeed's universal checkpoint (world-size independent)."""
     out = folder.parent / f"{folder.name}_universal"
-    if rank == 0 and not (out / "COMPLETE").exists():
+    done, failed = out / "COMPLETE", out / "FAILED"
+    if rank == 0 and not done.exists():
         log(f"converting {folder.name} to a universal checkpoint for a new world size")
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder),
                "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1",
                "--inject_missing_state"]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        (out / "COMPLETE").touch()
+        failed.unlink(missing_ok=True)
+        try:
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        except BaseException:
+            out.mkdir(parents=True, exist_ok=True)
+            failed.touch()
+            raise
+        done.touch()
+    # the other ranks wait on the marker, not in a collective: a large conversion outlasts the collective timeout
+    while not (done.exists() or failed.exists()):
+        time.sleep(2)
+    if failed.exists():
+        raise RuntimeError(f"rank 0 could not convert {folder} to a universal checkpoint (see its log)")
     if dist.is_initialized():
         dist.barrier()
     return out
@@ -142,6 +154,8 @@ def build_engine(cfg, rank: int, ds_cfg: dict):
     torch.manual_seed(cfg.run.seed)
     # cast before DeepSpeed: it casts parameters but not the spectral-norm buffers
     model = build_model(cfg.model).to(compute_dtype(cfg.train.precision))
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     torch.manual_seed(cfg.run.seed + 7919 * rank)
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim), config=ds_cfg)
     if cfg.guard.enabled:

@@ -66,6 +66,8 @@ class Trainer:
             x_neg = torch.full_like(x_neg, 0.5)
         t1 = time.perf_counter()
         x = torch.cat([x_pos, x_neg])  # fp32: the model's stem reads it in fp32 (models/resnet.py)
+        if self.cfg.train.channels_last_update:
+            x = x.contiguous(memory_format=torch.channels_last)
         y = torch.cat([y_pos, y_neg]) if self.conditional else None
         energies = self.engine(x, y).float()
         e_pos, e_neg = energies[:n], energies[n:]
