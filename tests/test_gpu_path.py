@@ -173,7 +173,8 @@ def test_universal_conversion_waits_on_its_marker_not_a_collective(tmp_path):
     from ebmscale.train.main import to_universal
     folder = tmp_path / "checkpoints" / "step_000000004"
     folder.mkdir(parents=True)  # not a DeepSpeed checkpoint: the conversion fails
-    with pytest.raises(Exception):
+    import subprocess as sp
+    with pytest.raises(sp.CalledProcessError):
         to_universal(folder, rank=0)
     assert (tmp_path / "checkpoints" / "step_000000004_universal" / "FAILED").exists()
     with pytest.raises(RuntimeError, match="could not convert"):
