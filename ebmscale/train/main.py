@@ -133,16 +133,21 @@ def restore(trainer: Trainer, engine, buffer: ReplayBuffer, stream, folder: Path
     if state["world_size"] == world_size:
         mine = torch.load(files[rank], map_location="cpu", weights_only=False, mmap=True)
         buffer.load_state_dict(mine["buffer"])
+        if trainer.icd is not None and "icd" in mine:  # absent when ICD is switched on at a resume
+            trainer.icd.load_state_dict(mine["icd"])
         if data_and_rng:
             stream.load_state_dict(mine["stream"])
             set_rng_state(mine["rng"])
         log(f"rank {rank}: {'resumed' if data_and_rng else 'rolled back to'} step {trainer.step} from {folder}; "
             f"buffer {len(buffer)} samples "
-            f"sha {fingerprint(buffer.state_dict())}; rng sha {fingerprint(mine['rng'])}")
+            f"sha {fingerprint(buffer.state_dict())}; rng sha {fingerprint(mine['rng'])}"
+            + (f"; icd sha {fingerprint(trainer.icd.state_dict())}" if trainer.icd is not None else ""))
         return
     shards = [torch.load(f, map_location="cpu", weights_only=False, mmap=True) for f in files]
     share, dropped = reshard([s["buffer"] for s in shards], world_size, rank, buffer.capacity)
     buffer.load_state_dict(share)
+    if trainer.icd is not None and all("icd" in s for s in shards):
+        trainer.icd.load_resharded([s["icd"] for s in shards], world_size, rank)
     if data_and_rng:
         stream.load_state_dict(shards[0]["stream"])
     torch.manual_seed(seed + 7919 * rank + trainer.step)
