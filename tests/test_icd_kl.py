@@ -59,3 +59,23 @@ def test_clipped_and_clamped_elements_carry_no_gradient():
     (g,) = torch.autograd.grad(xf.sum(), model.theta)
     # element 0: |theta x| = 0.001 < clip -> d/dtheta = -x = -0.001; element 1: clipped at 0.01 -> 0
     assert g.item() == pytest.approx(-0.001, rel=1e-6)
+
+
+def test_on_the_resnet_the_kl_reaches_the_weights_and_leaves_spectral_norm_alone():
+    from ebmscale.config import load_config
+    from ebmscale.models import build_model
+    from ebmscale.train.icd import ICD
+    cfg = load_config("configs/digits.yaml", ["model.filters=4", "icd.enabled=true", "icd.kl_steps=2",
+                                              "icd.entropy_bank=8", "icd.entropy_compare=4", "sampler.grad_clip=null"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    icd = ICD(cfg, (1, 16, 16), "cpu")
+    icd.remember(torch.rand(8, 1, 16, 16), step=0)
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("_u", "_v"))}
+    y = torch.randint(0, 10, (4,))
+    x_final = icd.last_steps(model, torch.rand(4, 1, 16, 16), y, torch.float32)
+    loss, stats = icd.loss(model, x_final, y, torch.float32)
+    loss.backward()
+    assert stats["icd/entropy"] != 0 and model.training and all(p.requires_grad for p in model.parameters())
+    assert sum(p.grad.abs().sum() for p in model.parameters() if p.grad is not None) > 0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in buffers.items())  # no power iteration in ICD passes
