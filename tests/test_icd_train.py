@@ -42,3 +42,16 @@ def test_icd_kill_then_resume_continues_exactly(tmp_path, digits_shards):
     for step in (5, 6):
         for key in ("loss", "icd/kl", "icd/entropy", "e_neg"):
             assert la[step][key] == pytest.approx(lb[step][key], rel=1e-6, abs=1e-7), (step, key)
+
+
+def test_icd_state_follows_a_new_world_size(tmp_path, digits_shards):
+    run = tmp_path / "run"
+    common = [*ICD, "checkpoint.every=3", "train.zero_stage=2"]
+    train(run, digits_shards, "train.steps=3", *common, nproc=2)
+    before = [torch.load(run / "checkpoints" / "step_000000003" / f"rank_{r:05d}.pt", weights_only=False) for r in range(2)]
+    res = train(run, digits_shards, "train.steps=4", *common, "checkpoint.every=1", nproc=1)
+    assert "written by 2 ranks on 1" in res.stdout + res.stderr
+    after = torch.load(run / "checkpoints" / "step_000000004" / "rank_00000.pt", weights_only=False)
+    assert after["buffer"]["seen"] == sum(b["buffer"]["seen"] for b in before) + 8  # split over 1 rank, then one step
+    born = after["icd"]["bank"]["born"]
+    assert len(born) == 16 and (born == 3).sum() == 8 and (born == 2).sum() == 8  # the newest old rows, then step 4's

@@ -45,11 +45,16 @@ def differentiable_steps(energy: EnergyFn, x: torch.Tensor, steps: int, step_siz
     """`steps` Langevin steps as sampling.langevin takes them (noise, clipped gradient step, clamp to [0, 1]),
     but keeping the graph: the result is a function of the energy's parameters. `x` is detached first."""
     x = x.detach().float().requires_grad_(True)
+    scale = float(getattr(energy, "grad_scale", 1.0))  # fp16 compute: as sampling.langevin, halved on overflow
     for _ in range(steps):
         if noise > 0:
             x = x + noise * torch.randn_like(x)
-        (g,) = torch.autograd.grad(energy(x).sum(), x, create_graph=True)
-        g = g.float()
+        while True:
+            (g,) = torch.autograd.grad(energy(x).sum() * scale, x, create_graph=True)
+            if scale == 1.0 or bool(torch.isfinite(g).all()):
+                break
+            scale = max(scale / 2, 1.0)
+        g = g.float() / scale
         if grad_clip is not None:
             g = g.clamp(-grad_clip, grad_clip)
         x = x - step_size * g
