@@ -85,12 +85,12 @@ def train(run_dir: Path, overrides: list[str], seed: int, minutes: float, shards
             proc.wait()
 
 
-def evaluate(run_dir: Path, classifier: Path, seed: int, dry: bool) -> dict:
+def evaluate(run_dir: Path, classifier: Path, seed: int, per_class: int, dry: bool) -> dict:
     ev, py, log = run_dir / "eval", sys.executable, run_dir / "eval.log"
     out: dict = {}
     for name, flags in SAMPLES.items():
         npz = ev / f"{name}.npz"
-        run([py, "tools/sample.py", str(run_dir), "--per-class", "30", "--seed", str(seed), *flags, "--out", str(npz)],
+        run([py, "tools/sample.py", str(run_dir), "--per-class", str(per_class), "--seed", str(seed), *flags, "--out", str(npz)],
             dry, log)
         run([py, "tools/evaluate.py", "accuracy", str(npz), "--classifier", str(classifier),
              "--json", str(ev / f"accuracy_{name}.json")], dry, log)
@@ -130,6 +130,7 @@ def main() -> int:
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--minutes", type=float, default=15.0, help="training wall time per run (start to stop signal)")
+    p.add_argument("--per-class", type=int, default=30, help="samples per class for each evaluation")
     p.add_argument("--shards", default="data/digits/digits-{000000..000003}.tar")
     p.add_argument("--classifier", default="runs/digits_classifier.pt", help="trained first if missing")
     p.add_argument("--out", default="runs/compare")
@@ -148,7 +149,7 @@ def main() -> int:
             run_dir = out / f"{recipe}_seed{seed}"
             t0 = time.time()
             train(run_dir, overrides, seed, a.minutes, a.shards, a.dry_run)
-            results.setdefault(recipe, {})[seed] = {**evaluate(run_dir, classifier, seed, a.dry_run),
+            results.setdefault(recipe, {})[seed] = {**evaluate(run_dir, classifier, seed, a.per_class, a.dry_run),
                                                     "train_wall_min": (time.time() - t0) / 60}
     if not a.dry_run:
         out.mkdir(parents=True, exist_ok=True)
