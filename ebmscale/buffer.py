@@ -97,16 +97,20 @@ class ReplayBuffer:
 
 
 def build_buffer(cfg, device: str | torch.device = "cpu") -> ReplayBuffer:
-    """This rank's buffer as a run's config (`buffer`, `model`) describes it."""
+    """This rank's buffer as a run's config (`buffer`, `model`, `icd.reservoir`) describes it."""
+    from ebmscale.config import icd_active
+    from ebmscale.reservoir import ReservoirBuffer  # a subclass of ReplayBuffer: imported here, not at the top
     m, b = cfg.model, cfg.buffer
-    return ReplayBuffer(b.capacity, (m.in_channels, m.resolution, m.resolution), m.num_classes, b.dtype,
-                        b.fresh_fraction, device=device, codec=getattr(b, "codec", None) or "unbiased")
+    kind = ReservoirBuffer if icd_active(cfg) and cfg.icd.reservoir else ReplayBuffer
+    return kind(b.capacity, (m.in_channels, m.resolution, m.resolution), m.num_classes, b.dtype,
+                b.fresh_fraction, device=device, codec=getattr(b, "codec", None) or "unbiased")
 
 
 def reshard(shards: list[dict], world_size: int, rank: int, capacity: int) -> tuple[dict, int]:
     """This rank's share when `len(shards)` buffer shards are resumed on `world_size` ranks.
     Every sample goes to exactly one rank (round-robin over all samples, oldest first); if the new shard
-    would exceed `capacity`, the oldest are dropped and their number returned. Only the rank's own rows
+    would exceed `capacity`, the oldest are dropped and their number returned. A reservoir's `seen` count is split
+    evenly over the new ranks (ebmscale/reservoir.py). Only the rank's own rows
     of each shard are read, so with mmap-loaded shards memory stays at one share however many there are."""
     born = torch.cat([s["born"] for s in shards])
     source = torch.cat([torch.full((len(s["born"]),), i, dtype=torch.long) for i, s in enumerate(shards)])
@@ -119,4 +123,8 @@ def reshard(shards: list[dict], world_size: int, rank: int, capacity: int) -> tu
     for i, s in enumerate(shards):
         at = (source[mine] == i).nonzero().squeeze(1)
         images[at], labels[at] = s["images"][row[mine[at]]], s["labels"][row[mine[at]]]
-    return ({"images": images, "labels": labels, "born": born[mine], "dtype": shards[0]["dtype"], "shape": shards[0]["shape"]}, dropped)
+    share = {"images": images, "labels": labels, "born": born[mine], "dtype": shards[0]["dtype"], "shape": shards[0]["shape"]}
+    if any("seen" in s for s in shards):
+        seen = sum(int(s.get("seen", len(s["born"]))) for s in shards)
+        share["seen"] = seen // world_size + (rank < seen % world_size)
+    return share, dropped

@@ -61,6 +61,7 @@ class ModelConfig:
     dropout: Optional[float] = None  # on conv1's output in every block, training and Langevin (release: 0.5 in ResNet32Large)
     residual: Optional[str] = None  # release: conv2 ~ N(0, 1e-10), sigma capped at 1 | scaled: learned scale from 1
     class_gain_bias: Optional[bool] = None  # conditional nets: a per-channel `cb` added to conv2's class gain
+    scales: int = 1  # >1: a multi-scale energy (models/multiscale.py), one net per resolution 1, 1/2, 1/4, ... summed
 
 
 @dataclass
@@ -199,6 +200,24 @@ class GuardConfig:
 
 
 @dataclass
+class ICDConfig:
+    """Improved contrastive divergence (Du, Li, Tenenbaum & Mordatch 2021; ebmscale/train/icd.py). The release's
+    value is the default unless the README's ICD table says otherwise."""
+    enabled: bool = False  # the ICD recipe: KL + entropy terms, augmentation transitions, reservoir buffer
+    kl_coeff: float = 1.0  # weight of the KL term: E(final samples) under the frozen model, through the sampler
+    kl_steps: int = 1  # the sampler's last K steps the KL gradient flows through (release: 1; `all_step` = all)
+    entropy_coeff: float = 0.3  # weight of the nearest-neighbour entropy term (release: 0.3); 0 = off
+    entropy_bank: int = 1000  # per rank: the most recent final samples the entropy is estimated against
+    entropy_compare: int = 100  # bank rows drawn per step to measure nearest-neighbour distances to (release: 100)
+    reservoir: bool = True  # replay buffer keeps a uniform sample of every chain ever pushed (reservoir sampling)
+    augment: bool = True  # an augmentation transition on every chain restarted from the buffer
+    crop_scale: float = 0.08  # random resized crop: least area kept (release cifar10: 0.08); 1 = no crop
+    flip: bool = True  # random horizontal flip (off for digits: a mirrored digit is another symbol)
+    color_jitter: float = 1.0  # strength s: brightness/contrast/saturation 0.8s, hue 0.4s, applied with p 0.8; 0 = off
+    grayscale: float = 0.2  # probability of a grayscale transition (3-channel images only)
+
+
+@dataclass
 class LauncherConfig:
     profile: Optional[str] = None
     nodes: int = 1
@@ -231,6 +250,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    icd: ICDConfig = field(default_factory=ICDConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
@@ -357,6 +377,9 @@ def validate(cfg: DictConfig) -> None:
     _check(m.resolution > 0 and m.resolution % (2 ** n_down) == 0, "model.resolution",
            f"{m.arch} downsamples {n_down} times, so the resolution must be a positive multiple of "
            f"{2 ** n_down}; got {m.resolution}")
+    _check(m.scales >= 1 and m.resolution % (2 ** (n_down + m.scales - 1)) == 0, "model.scales",
+           f"scale {m.scales} sees {m.resolution}/{2 ** (m.scales - 1)} px, which {m.arch} ({n_down} downsamplings) "
+           f"cannot take; the resolution must be a multiple of {2 ** (n_down + m.scales - 1)} (fewer scales)")
     _check(s.steps >= 0, "sampler.steps", f"must be >= 0, got {s.steps}")
     _check(s.step_size > 0, "sampler.step_size", f"must be > 0, got {s.step_size}")
     _check(s.noise >= 0, "sampler.noise", f"must be >= 0, got {s.noise}")
@@ -398,6 +421,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.tracking.flush_timeout_s >= 0, "tracking.flush_timeout_s",
            f"must be >= 0 seconds, got {cfg.tracking.flush_timeout_s}")
     validate_guard(cfg.guard)
+    validate_icd(cfg)
     lc = cfg.launcher
     _check(lc.nodes >= 1, "launcher.nodes", f"must be >= 1, got {lc.nodes}")
     _check(lc.gpus_per_node >= 0, "launcher.gpus_per_node", f"must be >= 0, got {lc.gpus_per_node}")
@@ -422,6 +446,29 @@ def validate_guard(g: DictConfig) -> None:
             parse_remedy(r)
         except ValueError as e:
             raise ConfigError(f"guard.remedies: {e}") from None
+
+
+def icd_active(cfg: DictConfig) -> bool:
+    """The ICD recipe is on: `icd.enabled`, or `recipe: icd` once the config has a recipe key."""
+    return bool(cfg.icd.enabled) or OmegaConf.select(cfg, "recipe", default=None) == "icd"
+
+
+def validate_icd(cfg: DictConfig) -> None:
+    i = cfg.icd
+    if not icd_active(cfg):
+        return
+    _check(1 <= i.kl_steps <= cfg.sampler.steps, "icd.kl_steps",
+           f"must be in [1, sampler.steps={cfg.sampler.steps}] (the KL term differentiates the sampler's last "
+           f"steps), got {i.kl_steps}")
+    _check(cfg.train.zero_stage <= 2, "icd.enabled",
+           "the KL term differentiates through the model's own input gradient, which ZeRO-3's partitioned "
+           "parameters do not allow; set train.zero_stage=2")
+    for k in ("kl_coeff", "entropy_coeff", "color_jitter"):
+        _check(i[k] >= 0, f"icd.{k}", f"must be >= 0, got {i[k]}")
+    _check(i.entropy_bank >= 1 and 1 <= i.entropy_compare <= i.entropy_bank, "icd.entropy_compare",
+           f"needs 1 <= icd.entropy_compare ({i.entropy_compare}) <= icd.entropy_bank ({i.entropy_bank})")
+    _check(0 < i.crop_scale <= 1, "icd.crop_scale", f"must be in (0, 1], got {i.crop_scale}")
+    _check(0 <= i.grayscale <= 1, "icd.grayscale", f"must be in [0, 1], got {i.grayscale}")
 
 
 def run_dir(cfg: DictConfig) -> Path:

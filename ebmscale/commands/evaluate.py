@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     c = sub.choices["ood"]
     c.add_argument("--n", type=int, default=1000, help="images per source")
     c.add_argument("--synthetic", nargs="*", default=["uniform", "constant", "interpolation"],
-                   help="synthetic sources: uniform constant interpolation")
+                   help="synthetic sources: uniform constant interpolation, and the near-distribution rot90 quadrants")
     c.add_argument("--source", nargs="*", default=[], metavar="NAME=SHARDS",
                    help="other datasets' shards, fitted to the model's size, e.g. svhn=data/svhn/manifest.json")
     c.add_argument("--score", choices=["min", "marginal"], default="min",

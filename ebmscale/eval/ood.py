@@ -10,12 +10,13 @@ import torch
 from ebmscale.eval.metrics import auroc, roc_curve
 from ebmscale.eval.sample import composed_energy, frozen_all
 
-SYNTHETIC = ("uniform", "constant", "interpolation")
+SYNTHETIC = ("uniform", "constant", "interpolation", "rot90", "quadrants")
 
 
 def synthetic(kind: str, x_in: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """As many OOD images as `x_in`: uniform noise, one random colour per image, or the average of each image
-    and the next one (interpolations between in-distribution images, as the IGEBM release)."""
+    """As many OOD images as `x_in`: uniform noise, one random colour per image, the average of each image
+    and the next one (interpolations between in-distribution images, as the IGEBM release), or near-distribution
+    ones: each image turned a quarter (`rot90`) or with its quadrants swapped (`quadrants`)."""
     n, c = x_in.shape[:2]
     if kind == "uniform":
         return rng.random(x_in.shape, dtype=np.float32)
@@ -23,6 +24,11 @@ def synthetic(kind: str, x_in: np.ndarray, rng: np.random.Generator) -> np.ndarr
         return np.broadcast_to(rng.random((n, c, 1, 1), dtype=np.float32), x_in.shape).copy()
     if kind == "interpolation":
         return (x_in + np.roll(x_in, 1, axis=0)) / 2
+    if kind == "rot90":  # near the data: real strokes and statistics, a quarter turn off
+        return np.rot90(x_in, 1, axes=(2, 3)).copy()
+    if kind == "quadrants":  # near the data: each image's four quadrants cyclically swapped (same pixels, wrong shape)
+        h, w = x_in.shape[2] // 2, x_in.shape[3] // 2
+        return np.roll(np.roll(x_in, h, axis=2), w, axis=3).copy()
     raise ValueError(f"unknown synthetic source '{kind}'; allowed: {', '.join(SYNTHETIC)}")
 
 

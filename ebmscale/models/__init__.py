@@ -1,3 +1,4 @@
-from ebmscale.models.resnet import ARCH_BLOCKS, EnergyModel, build_model, count_parameters, set_dropout
+from ebmscale.models.multiscale import MultiScaleEnergy, build_model
+from ebmscale.models.resnet import ARCH_BLOCKS, EnergyModel, count_parameters, set_dropout
 
-__all__ = ["ARCH_BLOCKS", "EnergyModel", "build_model", "count_parameters", "set_dropout"]
+__all__ = ["ARCH_BLOCKS", "EnergyModel", "MultiScaleEnergy", "build_model", "count_parameters", "set_dropout"]

@@ -484,14 +484,19 @@ def restore(trainer, folder: Path, load_dir: Optional[Path] = None, data_and_rng
     if state["world_size"] == world_size:
         mine = load(files[rank], map_location="cpu", mmap=True)
         for name in wanted:
-            parts[name][0].load_state_dict(mine[name])
+            if name in mine:  # a part switched on at this resume (the ICD bank) starts empty
+                parts[name][0].load_state_dict(mine[name])
+        icd = parts.get("icd", (None,))[0]
         _log(f"rank {rank}: {'resumed' if data_and_rng else 'rolled back to'} step {trainer.step} from {folder}; "
-             f"buffer {len(buffer)} samples sha {fingerprint(buffer.state_dict())}; rng sha {fingerprint(mine['rng'])}")
+             f"buffer {len(buffer)} samples sha {fingerprint(buffer.state_dict())}; rng sha {fingerprint(mine['rng'])}"
+             + (f"; icd sha {fingerprint(icd.state_dict())}" if icd is not None else ""))
         return
     from ebmscale.buffer import reshard
     shards = [load(f, map_location="cpu", mmap=True) for f in files]
     share, dropped = reshard([s["buffer"] for s in shards], world_size, rank, buffer.capacity)
     buffer.load_state_dict(share)
+    if "icd" in parts and all("icd" in s for s in shards):
+        parts["icd"][0].load_resharded([s["icd"] for s in shards], world_size, rank)
     if data_and_rng:
         parts["stream"][0].load_state_dict(shards[0]["stream"])
     torch.manual_seed(trainer.cfg.run.seed + 7919 * rank + trainer.step)

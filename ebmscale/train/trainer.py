@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from ebmscale.buffer import ReplayBuffer
+from ebmscale.config import icd_active
 from ebmscale.log import get_logger
 from ebmscale.progress import progress_line
 from ebmscale.sampling import frozen, langevin, model_energy
@@ -24,6 +25,7 @@ from ebmscale.train.checkpoint import RNG, Checkpointer, healthy_checkpoints, re
 from ebmscale.train.ds_config import compute_dtype
 from ebmscale.train.guard import SEVERITY, Guard, GuardFailure, Verdict, build_guard, discard_gradients
 from ebmscale.train.heartbeat import Heartbeat
+from ebmscale.train.icd import ICD
 from ebmscale.train.loss import cd_loss
 
 log = get_logger(__name__)
@@ -43,6 +45,7 @@ class Trainer:
         self._saved_step = -1
         self.guard = guard or build_guard(cfg, world_size, self.device)
         self.heartbeat = Heartbeat(self.run_dir, rank)
+        self.icd = ICD(cfg, buffer.shape, self.device) if icd_active(cfg) else None
 
     # ---- one step -----------------------------------------------------------------------------
     def sample_negatives(self, n: int, frames: Optional[list] = None, y_pos: Optional[torch.Tensor] = None):
@@ -50,18 +53,24 @@ class Trainer:
         s = self.cfg.sampler
         batch_labels = y_pos if self.conditional and y_pos is not None and self.cfg.buffer.labels == "batch" else None
         x0, y, fresh, born = self.buffer.init_chains(n, self.step, self.device, labels=batch_labels)
+        if self.icd:
+            x0, y = self.icd.transition(x0, y, fresh)
+        tail = self.icd.cfg.kl_steps if self.icd else 0  # ICD: the last steps keep the graph, for the KL term
         with frozen(self.engine.module, s.channels_last) as model:
             energy = model_energy(model, y if self.conditional else None, self.dtype,
                                   channels_last=s.channels_last, compile=s.compile)
-            x, stats = langevin(energy, x0, s.steps, s.step_size, s.noise, s.grad_clip,
+            x, stats = langevin(energy, x0, s.steps - tail, s.step_size, s.noise, s.grad_clip,
                                 frames=frames, frame_every=max(1, s.steps // 10) if frames is not None else 0)
+        x_final = self.icd.last_steps(self.engine.module, x, y if self.conditional else None, self.dtype) \
+            if self.icd else x
+        x = x_final.detach()
         self.buffer.push(x, y, born)
-        return x, y, fresh, born, stats
+        return x, y, fresh, born, stats, x_final
 
     def train_step(self, x_pos: torch.Tensor, y_pos: torch.Tensor, frames: Optional[list] = None) -> dict:
         t0 = time.perf_counter()
         n = x_pos.shape[0]
-        x_neg, y_neg, fresh, born, lstats = self.sample_negatives(n, frames, y_pos)
+        x_neg, y_neg, fresh, born, lstats, x_final = self.sample_negatives(n, frames, y_pos)
         if faults.active("collapse", self.step + 1, self.rank):
             x_neg = torch.full_like(x_neg, 0.5)
         t1 = time.perf_counter()
@@ -72,6 +81,11 @@ class Trainer:
         energies = self.engine(x, y).float()
         e_pos, e_neg = energies[:n], energies[n:]
         loss = cd_loss(e_pos, e_neg, self.cfg.train.alpha)
+        icd_stats = {}
+        if self.icd:
+            extra, icd_stats = self.icd.loss(self.engine.module, x_final, y_neg if self.conditional else None, self.dtype)
+            loss = loss + extra
+            self.icd.remember(x_neg, self.step)
         if faults.active("nan_loss", self.step + 1, self.rank):
             loss = loss * float("nan")
         self.engine.backward(loss)  # the optimizer step waits for the guard's verdict: update()
@@ -79,7 +93,7 @@ class Trainer:
         return {"loss": loss.detach(), "e_pos": e_pos.detach().mean(), "e_neg": e_neg.detach().mean(),
                 "langevin": lstats, "fresh": fresh.float().mean(), "age": (self.step - born).float().mean(),
                 "t_sample": t1 - t0, "t_update": t2 - t1, "x_neg": x_neg, "y_neg": y_neg,
-                "e_pos_all": e_pos.detach(), "e_neg_all": e_neg.detach(), "x_pos": x_pos}
+                "e_pos_all": e_pos.detach(), "e_neg_all": e_neg.detach(), "x_pos": x_pos, "icd": icd_stats}
 
     def update(self, out: dict, skip: bool) -> None:
         t = time.perf_counter()
@@ -238,7 +252,7 @@ class Trainer:
              "energy_gap": out["e_neg"] - out["e_pos"],
              "langevin/energy_start": ls.energy_start, "langevin/energy_end": ls.energy_end,
              "langevin/grad_abs": ls.grad_abs, "langevin/step_change": ls.step_change,
-             "buffer/fresh_share": out["fresh"], "buffer/mean_age": out["age"]}
+             "buffer/fresh_share": out["fresh"], "buffer/mean_age": out["age"], **out.get("icd", {})}
         vals = torch.stack([torch.as_tensor(v, dtype=torch.float32).to(self.device) for v in m.values()])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(vals)
@@ -291,8 +305,11 @@ class Trainer:
     def components(self) -> dict:
         """Everything a checkpoint holds besides the engine: name -> (state_dict/load_state_dict, where);
         "rank": this rank's rank_*.pt, "shared": trainer.json (the trainer's own counters at its top level)."""
-        return {"buffer": (self.buffer, "rank"), "stream": (self.stream, "rank"), "rng": (RNG, "rank"),
-                "trainer": (self, "shared"), "guard": (self.guard, "shared")}
+        parts = {"buffer": (self.buffer, "rank"), "stream": (self.stream, "rank"), "rng": (RNG, "rank"),
+                 "trainer": (self, "shared"), "guard": (self.guard, "shared")}
+        if self.icd is not None:  # the ICD recipe's entropy bank
+            parts["icd"] = (self.icd, "rank")
+        return parts
 
     def state_dict(self) -> dict:
         return {"step": self.step, "images_seen": self.images_seen}

@@ -1,0 +1,31 @@
+"""The multi-scale energy: the sum of one net per resolution, each seeing the pooled input."""
+import torch
+import torch.nn.functional as F
+
+from ebmscale.config import ConfigError, ModelConfig, load_config
+from ebmscale.models import EnergyModel, MultiScaleEnergy, build_model
+
+
+def test_energy_is_the_sum_over_resolutions():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(filters=4, in_channels=1, resolution=32, num_classes=3, scales=3)).eval()
+    assert isinstance(model, MultiScaleEnergy) and [n.resolution for n in model.nets] == [32, 16, 8]
+    x, y = torch.rand(5, 1, 32, 32), torch.randint(0, 3, (5,))
+    half = F.avg_pool2d(x, 3, stride=2, padding=1)
+    quarter = F.avg_pool2d(half, 3, stride=2, padding=1)
+    expected = model.nets[0](x, y) + model.nets[1](half, y) + model.nets[2](quarter, y)
+    assert torch.allclose(model(x, y), expected, atol=1e-6)
+    (g,) = torch.autograd.grad(model(x, y).sum(), model.nets[2].fc.weight)
+    assert g.abs().sum() > 0  # the coarsest net is trained too
+
+
+def test_one_scale_is_the_plain_net_and_bad_scales_fail_early():
+    assert isinstance(build_model(ModelConfig(filters=4, resolution=32)), EnergyModel)
+    cfg = load_config("configs/digits.yaml", ["model.scales=2"])
+    assert isinstance(build_model(cfg.model), MultiScaleEnergy)  # from a DictConfig too
+    try:
+        load_config("configs/digits.yaml", ["model.scales=3"])  # 16 px / 4 = 4 px: resnet32 cannot downsample 3x
+    except ConfigError as e:
+        assert "model.scales" in str(e)
+    else:
+        raise AssertionError("model.scales=3 on 16 px digits must be refused")

@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+"""Compare training recipes on the digits demo at equal wall time: paper vs ebmscale vs icd, several seeds.
+
+For each recipe and seed: train configs/digits.yaml on 2 DeepSpeed ranks for --minutes of wall time (the run is
+stopped with SIGUSR1 to its ranks, which commit a checkpoint), then evaluate the last checkpoint:
+  conditional accuracy (digits CNN) of samples from the replay buffer, from noise with 60 steps, and from noise
+  with the paper's test-time procedure; FID in the CNN's feature space (buffer and noise samples);
+  OOD AUROC against uniform noise, constant images, interpolations and the near-distribution rot90 / quadrants;
+  how often the stability guard fired (skipped steps, rollbacks) and the steps reached.
+Writes OUT/results.json and OUT/table.md (mean and range over seeds). --dry-run prints the commands only.
+
+    python tools/compare_recipes.py --minutes 15 --seeds 0 1 --out runs/compare
+
+`paper` and `ebmscale` need the `recipe` config key (issue 14); without it they are skipped, with a note.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# ICD on digits: the release applies no augmentation to MNIST; a mirrored digit is another symbol, and grayscale
+# and hue do nothing to one channel, so crop and brightness/contrast only, milder than cifar10's
+ICD_DIGITS = ["icd.flip=false", "icd.grayscale=0", "icd.crop_scale=0.5", "icd.color_jitter=0.5", "model.scales=2"]
+RECIPES = {"paper": ["recipe=paper"], "ebmscale": ["recipe=ebmscale"], "icd": ["recipe=icd", *ICD_DIGITS]}
+SAMPLES = {"buffer": ["--init", "buffer"],
+           "noise60": ["--init", "noise", "--steps", "60"],
+           "noise_ttp": ["--init", "noise", "--rounds", "10", "--steps", "30", "--reinit", "0.01", "--relabel", "0.1",
+                         "--nomix", "3"]}
+OOD = ["uniform", "constant", "interpolation", "rot90", "quadrants"]
+
+
+def available(overrides: list[str]) -> bool:
+    from ebmscale.config import ConfigError, load_config
+    try:
+        load_config(ROOT / "configs" / "digits.yaml", overrides)
+        return True
+    except ConfigError:
+        return False
+
+
+def recipe_overrides(name: str) -> list[str] | None:
+    o = RECIPES[name]
+    if available(o):
+        return o
+    if name == "icd" and available(["icd.enabled=true", *ICD_DIGITS]):  # before the `recipe` key exists
+        return ["icd.enabled=true", *ICD_DIGITS]
+    return None
+
+
+def run(cmd: list[str], dry: bool, log: Path | None = None) -> int:
+    print("$", " ".join(cmd), flush=True)
+    if dry:
+        return 0
+    with open(log, "a") if log else open(os.devnull, "w") as f:
+        return subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+
+
+def train(run_dir: Path, overrides: list[str], seed: int, minutes: float, shards: str, dry: bool) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "ebmscale.train.main", "configs/digits.yaml", f"run.dir={run_dir}", f"run.seed={seed}",
+           f"data.shards={shards}", "train.steps=1000000", "checkpoint.every=100", "tracking.enabled=false",
+           *overrides]
+    print("$", " ".join(cmd), f"  # stopped after {minutes} min", flush=True)
+    if dry:
+        return
+    import psutil
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "train.log", "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+        try:
+            proc.wait(timeout=minutes * 60)
+        except subprocess.TimeoutExpired:
+            for child in psutil.Process(proc.pid).children():  # the ranks: they checkpoint and exit
+                child.send_signal(signal.SIGUSR1)
+            proc.wait()
+
+
+def evaluate(run_dir: Path, classifier: Path, seed: int, per_class: int, dry: bool) -> dict:
+    ev, py, log = run_dir / "eval", sys.executable, run_dir / "eval.log"
+    out: dict = {}
+    for name, flags in SAMPLES.items():
+        npz = ev / f"{name}.npz"
+        run([py, "tools/sample.py", str(run_dir), "--per-class", str(per_class), "--seed", str(seed), *flags, "--out", str(npz)],
+            dry, log)
+        run([py, "tools/evaluate.py", "accuracy", str(npz), "--classifier", str(classifier),
+             "--json", str(ev / f"accuracy_{name}.json")], dry, log)
+        if name != "noise60":
+            run([py, "tools/evaluate.py", "fid", str(npz), "--classifier", str(classifier),
+                 "--json", str(ev / f"fid_{name}.json")], dry, log)
+    run([py, "tools/evaluate.py", "ood", str(run_dir), "--synthetic", *OOD, "--json", str(ev / "ood.json")], dry, log)
+    if dry:
+        return out
+    read = lambda p: json.loads(p.read_text())["metrics"] if p.exists() else {}  # noqa: E731
+    for name in SAMPLES:
+        out[f"acc_{name}"] = read(ev / f"accuracy_{name}.json").get("accuracy")
+        out[f"fid_{name}"] = read(ev / f"fid_{name}.json").get("fid_classifier")
+    ood = read(ev / "ood.json")
+    out.update({f"auroc_{k}": ood.get(f"ood/auroc_{k}") for k in OOD})
+    rows = [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    out["steps"] = rows[-1]["step"] if rows else 0
+    out["guard_skipped"] = rows[-1].get("guard/skipped_steps", 0) if rows else 0
+    out["guard_rollbacks"] = rows[-1].get("guard/rollbacks", 0) if rows else 0
+    return out
+
+
+def table(results: dict) -> str:
+    keys = sorted({k for per_seed in results.values() for r in per_seed.values() for k in r})
+    lines = ["| recipe | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for recipe, per_seed in results.items():
+        cells = []
+        for k in keys:
+            v = [r[k] for r in per_seed.values() if r.get(k) is not None]
+            cells.append(f"{sum(v) / len(v):.3f} [{min(v):.3f}, {max(v):.3f}]" if v else "n/a")
+        lines.append(f"| {recipe} ({len(per_seed)} seeds) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--minutes", type=float, default=15.0, help="training wall time per run (start to stop signal)")
+    p.add_argument("--per-class", type=int, default=30, help="samples per class for each evaluation")
+    p.add_argument("--shards", default="data/digits/digits-{000000..000003}.tar")
+    p.add_argument("--classifier", default="runs/digits_classifier.pt", help="trained first if missing")
+    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--dry-run", action="store_true")
+    a = p.parse_args()
+    out, classifier = Path(a.out).resolve(), Path(a.classifier).resolve()
+    if not classifier.exists():
+        run([sys.executable, "tools/evaluate.py", "digits-classifier", str(classifier)], a.dry_run)
+    results: dict = {}
+    for recipe in a.recipes:
+        overrides = recipe_overrides(recipe)
+        if overrides is None:
+            print(f"[compare] recipe '{recipe}' is not in this checkout's config (needs the `recipe` key); skipped")
+            continue
+        for seed in a.seeds:
+            run_dir = out / f"{recipe}_seed{seed}"
+            t0 = time.time()
+            train(run_dir, overrides, seed, a.minutes, a.shards, a.dry_run)
+            results.setdefault(recipe, {})[seed] = {**evaluate(run_dir, classifier, seed, a.per_class, a.dry_run),
+                                                    "train_wall_min": (time.time() - t0) / 60}
+    if not a.dry_run:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        (out / "table.md").write_text(table(results) + "\n")
+        print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
