@@ -146,16 +146,18 @@ def test_bench_cli_lists_benchmarks_and_rejects_bad_input():
 
 @pytest.mark.slow
 def test_train_step_benchmark_samples_in_bf16_channels_last_under_deepspeed(tmp_path):
-    """The real Trainer over a DeepSpeed engine: its sampler's convolutions run bf16 on NHWC input."""
+    """The real Trainer over a DeepSpeed engine in bf16 (asked explicitly: `auto` is fp32 on a CPU without native
+    bf16): its sampler's convolutions run bf16 on NHWC input, all but the stem, which reads the fp32 chain."""
     out = tmp_path / "ts.json"
-    tiny = ["model.filters=8", "sampler.steps=2", "data.batch_size=4", "buffer.capacity=16"]
+    tiny = ["model.filters=8", "sampler.steps=2", "data.batch_size=4", "buffer.capacity=16", "train.precision=bf16"]
     subprocess.run([sys.executable, "tools/bench.py", "train-step", "--archs", "resnet32", "--reps", "1",
                     "--no-autocast", "--json", str(out), "--override", *tiny], cwd=ROOT, check=True,
                    capture_output=True, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     arch = json.loads(out.read_text())["archs"][0]
     assert arch["engine_param_dtype"] == "torch.bfloat16"
-    assert arch["sampler_convolutions"] == [["torch.bfloat16", "torch.bfloat16", True, True]]  # NHWC weights too
-    assert {r["row"] for r in arch["rows"]} == {"plain fp32", "ebmscale bf16"}
+    assert arch["sampler_convolutions"] == [["torch.bfloat16", "torch.bfloat16", True, True],  # NHWC weights too
+                                            ["torch.float32", "torch.float32", True, True]]  # the fp32 stem
+    assert {r["row"] for r in arch["rows"]} == {"plain fp32", "ebmscale bf16=bf16"}
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ from ebmscale.train.guard import GuardFailure, check_discard_supported
 from ebmscale.train.optim import build_optimizer
 from ebmscale.train.trainer import Trainer
 
-_log = get_logger(__name__)
+_log = get_logger("ebmscale.train.main")  # not __name__: `python -m` runs this module as __main__
 
 # keys that must not change when a run folder is resumed: they change what the checkpoint means
 FROZEN_KEYS = ("model", "buffer.dtype")
