@@ -154,12 +154,12 @@ def test_preempt_save_requeue_resume_one_mlflow_run(tmp_path, shards):
     assert res.returncode == 0, res.stdout + res.stderr
     jid = job_id(run)
     rank0 = run / "logs" / "submitit" / f"{jid}_0_log.out"
-    wait_for(lambda: "Eneg" in text(rank0) and tracked_run(run), "training to start", 300)
+    wait_for(lambda: "progress step" in text(rank0) and tracked_run(run), "training to start", 300)
     first_run_id = tracked_run(run)
     subprocess.run(["scancel", "--signal=USR2", jid], check=True)
     wait_for(lambda: text(rank0).count("resumed step") >= 1 and "attempt 2 started" in text(run / "launcher.log"),
              "the requeued job to resume", 300)
-    wait_for(lambda: "Eneg" in text(rank0).rsplit("resumed step", 1)[1], "the resumed job to train", 300)
+    wait_for(lambda: "progress step" in text(rank0).rsplit("resumed step", 1)[1], "the resumed job to train", 300)
     subprocess.run(["scontrol", "requeue", jid], check=True)
     assert wait_final(jid) == "COMPLETED"
 
@@ -234,7 +234,7 @@ def test_sbatch_example_without_submitit(tmp_path, shards):
     assert res.returncode == 0, res.stderr
     jid = res.stdout.strip().split(";")[0]
     log = Path(str(out).replace("%j", jid))
-    wait_for(lambda: "Eneg" in text(log), "training to start", 300)
+    wait_for(lambda: "progress step" in text(log), "training to start", 300)
     subprocess.run(["scancel", "--signal=USR1", jid], check=True)
     assert wait_final(jid) == "COMPLETED", text(log)[-3000:]
     t = text(log)
