@@ -207,7 +207,7 @@ def test_conditional_chains_take_the_batch_labels_under_paper(tmp_path):
         buffer.push(torch.rand(8, 3, 32, 32), torch.full((8,), 9))  # full: every chain is reused or fresh
         trainer = Trainer(cfg, engine, buffer, None, None, None, 0, 1, tmp_path)
         y_pos = torch.arange(8) % 3
-        _, y_neg, fresh, _, _ = trainer.sample_negatives(8, None, y_pos)
+        _, y_neg, fresh, *_ = trainer.sample_negatives(8, None, y_pos)
         if expect_batch:
             assert torch.equal(y_neg, y_pos)  # train.py 252-256: LABEL fed the data batch's labels
         else:
