@@ -139,7 +139,11 @@ def test_run_tracked_through_a_server_outage(mlflow_server, tmp_path, digits_sha
     assert (params["model.arch"], params["model.filters"], params["sampler.steps"], params["train.steps"]) == \
         ("resnet32", "8", "4", str(steps))
     assert params["deepspeed.train_batch_size"] == "16" and params["deepspeed.zero_optimization.stage"] == "2"
-    assert params["deepspeed.bf16.enabled"] == "True"
+    from ebmscale.precision import detect_hardware, resolve
+    resolved = resolve("auto", detect_hardware("cpu")).precision  # bf16 only on a CPU with native bf16
+    assert params["train.precision"] == resolved and params["precision.requested"] == "auto"
+    assert params.get("deepspeed.bf16.enabled") == ("True" if resolved == "bf16" else None)
+    assert tags["precision"] == resolved and "native bf16" in tags["precision_reason"]
     assert (tags["restart_count"], tags["world_size"], tags["end_reason"]) == ("0", "2", "completed")
     assert tags["checkpoint.latest_step"] == str(steps)
 
