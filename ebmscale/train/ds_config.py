@@ -1,8 +1,6 @@
 """Our config -> DeepSpeed's config dict."""
 from __future__ import annotations
 
-from ebmscale.precision import compute_dtype  # noqa: F401  (re-exported: callers import it from here)
-
 
 def build_ds_config(cfg, world_size: int) -> dict:
     t, o = cfg.train, cfg.optim

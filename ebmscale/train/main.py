@@ -29,7 +29,8 @@ from ebmscale.models import build_model
 from ebmscale.tracking import build_tracker, pictures
 from ebmscale.train import runlock, stop
 from ebmscale.train.checkpoint import Checkpointer, broadcast, fingerprint, restore, trust_pickles  # noqa: F401 (fingerprint: tests)
-from ebmscale.train.ds_config import build_ds_config, compute_dtype
+from ebmscale.precision import compute_dtype
+from ebmscale.train.ds_config import build_ds_config
 from ebmscale.train.guard import GuardFailure, check_discard_supported
 from ebmscale.train.optim import build_optimizer
 from ebmscale.train.trainer import Trainer

@@ -22,7 +22,7 @@ from ebmscale.progress import progress_line
 from ebmscale.sampling import frozen, langevin, model_energy
 from ebmscale.train import faults, stop
 from ebmscale.train.checkpoint import RNG, Checkpointer, healthy_checkpoints, restore, step_of
-from ebmscale.train.ds_config import compute_dtype
+from ebmscale.precision import compute_dtype
 from ebmscale.train.guard import SEVERITY, Guard, GuardFailure, Verdict, build_guard, discard_gradients
 from ebmscale.train.heartbeat import Heartbeat
 from ebmscale.train.icd import ICD
