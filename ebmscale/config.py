@@ -26,7 +26,7 @@ CONFIG_DIR = shipped_dir("configs", "configs")
 ACTIVATIONS = ("leaky_relu", "swish")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: resolved per run by ebmscale/precision.py
 BUFFER_DTYPES = ("uint8", "fp16")
-RECIPES = ("paper", "ebmscale")
+RECIPES = ("paper", "ebmscale", "icd")
 RESIDUALS = ("release", "scaled")
 CHAIN_LABELS = ("batch", "stored")
 BUFFER_CODECS = ("release", "unbiased")
@@ -97,6 +97,8 @@ class DataConfig:
     dequantize: bool = True
     max_bad_fraction: float = 0.01
     max_image_pixels: int = 1 << 26  # a bigger image (checked in its header, before decoding) is a bad sample
+    max_member_bytes: int = 1 << 26  # a bigger tar member is skipped unread and its sample counted bad
+    loader_timeout_s: float = 600.0  # a loader worker silent this long fails the run, naming the rank (0 = wait forever)
     verify: bool = False  # check each shard's sha256 against its manifest.json when the run starts
     allow_pickle: bool = False
     allow_pipe: bool = False
@@ -239,7 +241,7 @@ class LauncherConfig:
 
 @dataclass
 class Config:
-    recipe: str = "ebmscale"  # paper | ebmscale: fills every null choice key (recipe_choices); explicit keys win
+    recipe: str = "ebmscale"  # paper | ebmscale | icd: fills every null choice key (recipe_choices); explicit keys win
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -319,7 +321,8 @@ def merge_overrides(cfg: DictConfig, overrides: List[str]) -> DictConfig:
 def recipe_choices(recipe: str, model: Any) -> Dict[str, Any]:
     """Every choice a recipe makes, as {config key: value}, for a `model` section (arch, activation, classes).
     `paper` is openai/ebm_code_release line by line (models.py, utils.py, custom_adam.py, train.py); `ebmscale`
-    is today's measured choices. README.md "Recipes" gives the why of each."""
+    is today's measured choices; `icd` is `ebmscale` plus the ICD terms (`icd_active`). README.md "Recipes" gives the
+    why of each."""
     if recipe == "paper":
         if model.activation == "swish":  # models.py 435-438, 613-616: the block activation again
             pool = "swish"
@@ -394,6 +397,8 @@ def validate(cfg: DictConfig) -> None:
     _check(d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}")
     _check(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", f"must be in [0, 1], got {d.max_bad_fraction}")
     _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {d.shuffle_buffer}")
+    _check(d.max_member_bytes > 0, "data.max_member_bytes", f"must be > 0 bytes, got {d.max_member_bytes}")
+    _check(d.loader_timeout_s >= 0, "data.loader_timeout_s", f"must be >= 0 seconds (0 = no limit), got {d.loader_timeout_s}")
     _check(d.prefetch >= 1, "data.prefetch", f"must be >= 1 (batches each loader worker keeps ready), got {d.prefetch}")
     if d.weights is not None:
         n = len(d.shards.split("::"))
@@ -449,8 +454,8 @@ def validate_guard(g: DictConfig) -> None:
 
 
 def icd_active(cfg: DictConfig) -> bool:
-    """The ICD recipe is on: `icd.enabled`, or `recipe: icd` once the config has a recipe key."""
-    return bool(cfg.icd.enabled) or OmegaConf.select(cfg, "recipe", default=None) == "icd"
+    """The ICD terms are on: `recipe: icd`, or `icd.enabled` on top of another recipe."""
+    return bool(cfg.icd.enabled) or cfg.recipe == "icd"
 
 
 def validate_icd(cfg: DictConfig) -> None:

@@ -347,14 +347,46 @@ def test_lying_samples_are_skipped_and_counted_not_fatal(tmp_path, caplog):
     good = [(f"g{k:03d}", {"png": png(), "cls": b"1"}) for k in range(30)]
     liars = [("label", {"png": png(), "cls": b"7"}),  # outside model.num_classes=3
              ("broken", {"png": b"\x89PNG not really", "cls": b"0"}),
-             ("bomb", {"png": png(64, 64), "cls": b"0"})]  # over the pixel cap of this test
+             ("bomb", {"png": png(64, 64), "cls": b"0"}),  # over the pixel cap of this test
+             ("huge", {"png": png(), "cls": b"0", "txt": b"x" * 5000})]  # a member over this test's member cap
     write_tar(tmp_path / "s-000000.tar", good[:15] + liars + good[15:])
-    s = build_stream(*data_cfgs(tmp_path / "s-000000.tar", batch_size=10, max_image_pixels=1000), 0, 1, 0)
+    s = build_stream(*data_cfgs(tmp_path / "s-000000.tar", batch_size=10, max_image_pixels=1000,
+                                max_member_bytes=4000), 0, 1, 0)
     assert sum(1 for _ in s) == 3
-    assert s.stats()["bad_samples"] == 3 and s.stats()["samples"] == 30
+    assert s.stats()["bad_samples"] == 4 and s.stats()["samples"] == 30
     log = caplog.text
     assert "label: BadSample: label 7 outside" in log and "bomb: ImageBomb: 64x64 pixels" in log
+    assert "huge: BadSample: huge.txt is 5,000 bytes, over data.max_member_bytes=4,000" in log
     assert "broken:" in log and "s-000000.tar" in log
+
+
+def test_an_oversized_tar_member_is_skipped_unread(tmp_path):
+    import tracemalloc
+    from ebmscale.data.shards import tar_samples
+    write_tar(tmp_path / "big.tar", [("a", {"png": png(), "cls": b"0"}), ("b", {"png": b"\0" * (64 << 20)}),
+                                     ("c", {"png": png(), "cls": b"1"})])
+    tracemalloc.start()
+    samples = list(tar_samples(str(tmp_path / "big.tar"), max_member_bytes=1 << 20))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert [x["__key__"] for x in samples] == ["a", "b", "c"] and "png" not in samples[1]
+    assert "b.png is 67,108,864 bytes" in samples[1]["__bad__"] and "__bad__" not in samples[2]
+    assert peak < 8 << 20
+
+
+def test_a_stuck_loader_worker_fails_the_run_naming_the_rank(tmp_path):
+    import time
+    from ebmscale.data import build_stream
+    from ebmscale.data.stream import LoaderTimeout
+    shard = write_tar(tmp_path / "s.tar", [(f"g{k:03d}", {"png": png(), "cls": b"1"}) for k in range(16)])
+    stalled = f"pipe:sleep 90; cat {shard}"  # storage that stops answering
+    (tmp_path / "manifest.json").write_text(json.dumps({"num_classes": 3, "shards": [{"name": stalled, "samples": 16}]}))
+    s = build_stream(*data_cfgs(tmp_path / "manifest.json", workers=1, allow_pipe=True, loader_timeout_s=3), 0, 1, 0)
+    t0 = time.monotonic()
+    with pytest.raises(LoaderTimeout, match=r"rank 0 on .*data.loader_timeout_s=3 s .*sleep 90"):
+        next(iter(s))
+    assert time.monotonic() - t0 < 80  # not the 90 s the storage takes
+    s.close()
 
 
 def _die_on_third(item, **kw):

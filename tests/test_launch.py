@@ -6,10 +6,12 @@ import os
 import signal
 import subprocess
 import sys
+import re
 import time
 from pathlib import Path
 
 import cloudpickle
+import psutil
 import pytest
 from omegaconf import OmegaConf
 
@@ -376,6 +378,32 @@ def test_local_launch_failing_rank_is_reported(tmp_path, digits_shards):
     assert proc.returncode == 1, out
     assert "FAILED" in out and "ModuleNotFoundError" in out and "last lines of rank" in out
     assert "FAILED on rank 0" in (run / "launcher.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_hung_rank_ends_the_job_named_with_exit_code_4(tmp_path, digits_shards):
+    """Rank 1 stops answering (SIGSTOP: a stuck driver, a frozen NFS read): rank 0 gives up in its next collective
+    after the collective timeout, the launcher kills what is left and names rank 1, its host and its last step."""
+    run = tmp_path / "run"
+    proc = _launch(["--local", "--nproc", "2", DIGITS, f"run.dir={run}", digits_shards, "model.filters=8",
+                    "sampler.steps=5", "train.steps=100000", "train.log_every=5", "train.threads=1",
+                    "tracking.enabled=false"], env={"EBMSCALE_DIST_TIMEOUT_S": "20"})
+    beat, deadline = run / "heartbeat" / "rank_00001.json", time.time() + 400
+    try:
+        while not (beat.exists() and (json.loads(beat.read_text() or "{}").get("step") or 0) >= 5):
+            assert proc.poll() is None and time.time() < deadline, "the job did not start training"
+            time.sleep(0.5)
+        hung = json.loads(beat.read_text())["pid"]
+        os.kill(hung, signal.SIGSTOP)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 4, out
+    assert re.search(rf"HUNG: job \S+, rank 1 on \S+ \(pid {hung}\), last heard at step \d+", out), out
+    assert "rank(s) 0 failed waiting for it in a collective" in out
+    assert not psutil.pid_exists(hung) or psutil.Process(hung).status() == psutil.STATUS_ZOMBIE
+    assert _task_pids(run / "logs" / "submitit") == []
 
 
 @pytest.mark.slow

@@ -1,17 +1,18 @@
 #!/usr/bin/env python
-"""Compare training recipes on the digits demo at equal wall time: paper vs ebmscale vs icd, several seeds.
+"""Compare the training recipes on the digits demo at equal wall time: paper vs ebmscale vs icd, several seeds.
 
-For each recipe and seed: train configs/digits.yaml on 2 DeepSpeed ranks for --minutes of wall time (the run is
-stopped with SIGUSR1 to its ranks, which commit a checkpoint), then evaluate the last checkpoint:
-  conditional accuracy (digits CNN) of samples from the replay buffer, from noise with 60 steps, and from noise
-  with the paper's test-time procedure; FID in the CNN's feature space (buffer and noise samples);
-  OOD AUROC against uniform noise, constant images, interpolations and the near-distribution rot90 / quadrants;
-  how often the stability guard fired (skipped steps, rollbacks) and the steps reached.
-Writes OUT/results.json and OUT/table.md (mean and range over seeds). --dry-run prints the commands only.
+    python tools/make_shards.py digits data/digits
+    python tools/compare_recipes.py --minutes 10 --seeds 0 1 --out runs/compare
 
-    python tools/compare_recipes.py --minutes 15 --seeds 0 1 --out runs/compare
-
-`paper` and `ebmscale` need the `recipe` config key (issue 14); without it they are skipped, with a note.
+For each seed, then each recipe (interleaved, so a slow machine hour hurts every recipe alike): train
+configs/digits.yaml on 2 DeepSpeed ranks for --minutes from its first logged step (start-up not counted), then stop
+it with SIGUSR1 to its ranks, which commit a checkpoint. Then evaluate that checkpoint:
+  conditional accuracy (the digits CNN, trained first if missing) of samples from the replay buffer, from noise with
+  60 steps, and from noise with the paper's test-time procedure; FID in the CNN's feature space (buffer and
+  test-time samples); OOD AUROC against uniform noise, constant images, interpolations and the near-distribution
+  rot90 / quadrants; how often the stability guard fired (skipped steps, rollbacks) and the steps reached.
+Writes OUT/results.json and OUT/table.md (mean and range over seeds), adding to the runs already there (a run
+folder with eval results is not trained again). --dry-run prints the commands only.
 """
 from __future__ import annotations
 
@@ -48,12 +49,7 @@ def available(overrides: list[str]) -> bool:
 
 
 def recipe_overrides(name: str) -> list[str] | None:
-    o = RECIPES[name]
-    if available(o):
-        return o
-    if name == "icd" and available(["icd.enabled=true", *ICD_DIGITS]):  # before the `recipe` key exists
-        return ["icd.enabled=true", *ICD_DIGITS]
-    return None
+    return RECIPES[name] if available(RECIPES[name]) else None
 
 
 def run(cmd: list[str], dry: bool, log: Path | None = None) -> int:
@@ -69,20 +65,25 @@ def train(run_dir: Path, overrides: list[str], seed: int, minutes: float, shards
            "ebmscale.train.main", "configs/digits.yaml", f"run.dir={run_dir}", f"run.seed={seed}",
            f"data.shards={shards}", "train.steps=1000000", "checkpoint.every=100", "tracking.enabled=false",
            *overrides]
-    print("$", " ".join(cmd), f"  # stopped after {minutes} min", flush=True)
+    print("$", " ".join(cmd), f"  # stopped {minutes} min after its first step", flush=True)
     if dry:
         return
     import psutil
     run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = run_dir / "logs" / "metrics.jsonl"
     with open(run_dir / "train.log", "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+        while not metrics.exists() and proc.poll() is None:
+            time.sleep(1)
         try:
             proc.wait(timeout=minutes * 60)
         except subprocess.TimeoutExpired:
-            for child in psutil.Process(proc.pid).children():  # the ranks: they checkpoint and exit
-                child.send_signal(signal.SIGUSR1)
+            for rank in psutil.Process(proc.pid).children():  # torchrun's ranks: they checkpoint and exit
+                rank.send_signal(signal.SIGUSR1)
             proc.wait()
+    if proc.returncode != 0:
+        raise SystemExit(f"[compare] training failed (exit {proc.returncode}); see {run_dir / 'train.log'}")
 
 
 def evaluate(run_dir: Path, classifier: Path, seed: int, per_class: int, dry: bool) -> dict:
@@ -129,7 +130,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    p.add_argument("--minutes", type=float, default=15.0, help="training wall time per run (start to stop signal)")
+    p.add_argument("--minutes", type=float, default=10.0, help="training wall time per run, from its first step")
     p.add_argument("--per-class", type=int, default=30, help="samples per class for each evaluation")
     p.add_argument("--shards", default="data/digits/digits-{000000..000003}.tar")
     p.add_argument("--classifier", default="runs/digits_classifier.pt", help="trained first if missing")
@@ -139,21 +140,29 @@ def main() -> int:
     out, classifier = Path(a.out).resolve(), Path(a.classifier).resolve()
     if not classifier.exists():
         run([sys.executable, "tools/evaluate.py", "digits-classifier", str(classifier)], a.dry_run)
-    results: dict = {}
-    for recipe in a.recipes:
-        overrides = recipe_overrides(recipe)
-        if overrides is None:
-            print(f"[compare] recipe '{recipe}' is not in this checkout's config (needs the `recipe` key); skipped")
-            continue
-        for seed in a.seeds:
+    results_file = out / "results.json"
+    results: dict = json.loads(results_file.read_text()) if results_file.exists() else {}
+    for seed in a.seeds:
+        for recipe in a.recipes:
+            overrides = recipe_overrides(recipe)
+            if overrides is None:
+                raise SystemExit(f"[compare] recipe '{recipe}' is not accepted by configs/digits.yaml")
             run_dir = out / f"{recipe}_seed{seed}"
+            if str(seed) in results.get(recipe, {}):
+                continue
+            if run_dir.exists() and not a.dry_run:  # an interrupted earlier attempt: set aside, never resumed or deleted
+                run_dir.rename(run_dir.with_name(f"{run_dir.name}.interrupted-{int(time.time())}"))
             t0 = time.time()
             train(run_dir, overrides, seed, a.minutes, a.shards, a.dry_run)
-            results.setdefault(recipe, {})[seed] = {**evaluate(run_dir, classifier, seed, a.per_class, a.dry_run),
-                                                    "train_wall_min": (time.time() - t0) / 60}
+            row = {**evaluate(run_dir, classifier, seed, a.per_class, a.dry_run), "minutes": a.minutes,
+                   "train_wall_min": (time.time() - t0) / 60}
+            print(f"[compare] {recipe} seed {seed}: {json.dumps(row)}", flush=True)
+            if not a.dry_run:
+                results.setdefault(recipe, {})[str(seed)] = row
+                out.mkdir(parents=True, exist_ok=True)
+                results_file.write_text(json.dumps(results, indent=1) + "\n")
     if not a.dry_run:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
         (out / "table.md").write_text(table(results) + "\n")
         print(table(results))
     return 0

@@ -13,9 +13,10 @@ import json
 import logging
 import os
 import posixpath
+import re
 import tarfile
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import braceexpand
 from webdataset.gopen import gopen
@@ -83,6 +84,34 @@ def list_shards(spec: str, allow_pipe: bool = False) -> List[Shard]:
         if s.url.startswith("pipe:") and not allow_pipe:
             _refuse_pipe(s.url)
     return shards
+
+
+META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, not samples
+
+
+def tar_samples(url: str, max_member_bytes: int) -> Iterator[dict]:
+    """The samples of one tar shard, grouped by key as webdataset does: {"__key__", "__url__", ext: bytes}. A member
+    over max_member_bytes is skipped unread, so one huge file costs no memory; its sample carries "__bad__": why."""
+    with gopen(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        sample = None
+        for m in tar:
+            tar.members = []  # stream mode would keep every header
+            key, ext = base_plus_ext(m.name)
+            if not m.isreg() or key is None or META.match(m.name):
+                continue
+            if sample is None or key != sample["__key__"]:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key, "__url__": url}
+            ext = ext.lower()
+            if m.size > max_member_bytes:
+                sample["__bad__"] = f"{m.name} is {m.size:,} bytes, over data.max_member_bytes={max_member_bytes:,}"
+            elif ext in sample:
+                sample["__bad__"] = f"{m.name}: a second .{ext} member under one key"
+            else:
+                sample[ext] = tar.extractfile(m).read()
+        if sample is not None:
+            yield sample
 
 
 def _count_tar(path: str) -> int:

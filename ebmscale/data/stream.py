@@ -21,6 +21,7 @@ import logging
 import multiprocessing as mp
 import pickle
 import random
+import socket
 import time
 from collections import Counter
 
@@ -29,11 +30,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
-from webdataset.tariterators import tarfile_samples
 
 from ebmscale.config import ConfigError
 from ebmscale.data.images import decode, open_for, to_mode
-from ebmscale.data.shards import count_samples, resolve
+from ebmscale.data.shards import count_samples, resolve, tar_samples
 
 log = logging.getLogger("ebmscale.data")
 FORKSERVER_PRELOAD = ("ebmscale.data.stream",)  # what loader workers import before forking
@@ -45,6 +45,10 @@ RRC_SCALE, RRC_RATIO = (0.25, 1.0), (3 / 4, 4 / 3)  # random-resized-crop: area 
 
 class CorruptDataError(RuntimeError):
     """More than data.max_bad_fraction of the samples could not be read; the message names the shards."""
+
+
+class LoaderTimeout(RuntimeError):
+    """A loader worker sent no batch within data.loader_timeout_s; the message names the rank, host and shards."""
 
 
 class BadSample(ValueError):
@@ -76,7 +80,8 @@ class ShardBatches(IterableDataset):
         d = data_cfg
         self.batch_size, self.shuffle_buffer, self.resampled = d.batch_size, d.shuffle_buffer, d.resampled
         self.flip, self.rrc, self.dequantize = d.flip, d.random_resized_crop, d.dequantize
-        self.max_bad_fraction, self.allow_pickle, self.max_pixels = d.max_bad_fraction, d.allow_pickle, d.max_image_pixels
+        self.max_bad_fraction, self.allow_pickle = d.max_bad_fraction, d.allow_pickle
+        self.max_pixels, self.max_member_bytes = d.max_image_pixels, d.max_member_bytes
         self.res, self.channels, self.num_classes = model_cfg.resolution, model_cfg.in_channels, model_cfg.num_classes
         self.epoch, self.consumed = 0, 0  # where to start; set by Stream before each loader start
 
@@ -126,7 +131,7 @@ class ShardBatches(IterableDataset):
         for url in urls:
             n = 0
             try:
-                for sample in tarfile_samples([{"url": url}]):
+                for sample in tar_samples(url, self.max_member_bytes):
                     n += 1
                     yield sample
             except Exception as e:
@@ -136,6 +141,8 @@ class ShardBatches(IterableDataset):
                 self._bad(url, "no samples in shard")
 
     def _decode(self, sample: dict, rng: np.random.Generator):
+        if "__bad__" in sample:
+            raise BadSample(sample["__bad__"])
         data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
         if data is None:
             raise BadSample(f"no image among fields {sorted(k for k in sample if not k.startswith('__'))}")
@@ -207,7 +214,18 @@ class Stream:
             self.dataset.epoch, self.dataset.consumed = self.epoch, self.batch
             self._batches = iter(DataLoader(self.dataset, **self.loader_kw))
         while True:
-            x, y, counts = next(self._batches)
+            try:
+                x, y, counts = next(self._batches)
+            except RuntimeError as e:
+                if "timed out" not in str(e):
+                    raise
+                d = self.dataset
+                raise LoaderTimeout(
+                    f"rank {d.rank} on {socket.gethostname()}: no batch from its data loader workers in "
+                    f"data.loader_timeout_s={self.loader_kw['timeout']:g} s (epoch {self.epoch}, batch {self.batch}); "
+                    f"a worker is stuck reading its shards (a stalled filesystem or URL?) among "
+                    f"{', '.join(d.urls[:3])}{', ...' if len(d.urls) > 3 else ''}. Relaunch to resume from the last "
+                    f"checkpoint; raise data.loader_timeout_s if the storage is just slow") from e
             self.samples += counts["samples"]
             self.bad_samples += sum(counts["bad"].values())
             self.bad_shards.update(counts["bad"])
@@ -312,5 +330,5 @@ def build_stream(data_cfg, model_cfg, rank: int, world_size: int, seed: int) -> 
     if data_cfg.workers:
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(list(FORKSERVER_PRELOAD))  # ignored if the launcher already started it
-        kw.update(prefetch_factor=data_cfg.prefetch, multiprocessing_context=ctx)
+        kw.update(prefetch_factor=data_cfg.prefetch, multiprocessing_context=ctx, timeout=data_cfg.loader_timeout_s)
     return Stream(dataset, kw, per_worker * w, data_cfg.resampled)

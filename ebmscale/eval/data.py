@@ -4,10 +4,10 @@ from __future__ import annotations
 from typing import Iterator
 
 import numpy as np
-from webdataset.tariterators import tarfile_samples
 
+from ebmscale.config import DataConfig
 from ebmscale.data.images import decode
-from ebmscale.data.shards import list_shards
+from ebmscale.data.shards import list_shards, tar_samples
 from ebmscale.data.stream import IMAGE_KEYS
 
 
@@ -16,9 +16,10 @@ def iter_images(spec: str, size: int, channels: int, limit: int | None = None, b
     """The first `limit` images of `spec` (any `data.shards` form) in shard order, fitted to size x size x
     channels as the shard writer does, in batches: (uint8 [B, C, H, W], labels int64 [B]; 0 without .cls)."""
     xs, ys, n = [], [], 0
-    for s in tarfile_samples({"url": sh.url} for sh in list_shards(spec, allow_pipe)):
+    samples = (s for sh in list_shards(spec, allow_pipe) for s in tar_samples(sh.url, DataConfig.max_member_bytes))
+    for s in samples:
         ext = next((k for k in IMAGE_KEYS if k in s), None)
-        if ext is None:
+        if ext is None or "__bad__" in s:
             continue
         xs.append(decode(s[ext], size, channels))
         ys.append(int(s["cls"]) if "cls" in s else 0)

@@ -4,7 +4,8 @@
                            [--account A] [--profile NAME] [--local] [--dry-run] [--wait] CONFIG [key=value ...]
 
 Exit codes: 0 submitted / completed; 2 config error (nothing submitted); 1 job failed; 3 the job
-stopped with a committed checkpoint but did not finish (relaunch to resume); 130 interrupted.
+stopped with a committed checkpoint but did not finish (relaunch to resume); 4 a rank hung or died
+silently and the others gave up waiting for it (the message names it); 130 interrupted.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 
 EXIT_CONFIG = 2
 EXIT_STOPPED = 3
+EXIT_HUNG = 4  # also in launch.submit.report
 
 DESCRIPTION = """\
 Launch an ebmscale training run: on SLURM through submitit (when sbatch is on PATH), or with

@@ -243,9 +243,12 @@ _PEER_ERRORS = ("Connection closed by peer", "Connection reset by peer", "timed 
 
 
 def report(folder: Path, job_id: str, ntasks: int, out: Path, state: str) -> int:
-    """Print the outcome from the tasks' result files; 0 completed, 3 stopped/preempted, 1 failed."""
+    """Print the outcome from the tasks' result files; 0 completed, 3 stopped/preempted, 4 a rank hung or died
+    silently (the others failed waiting for it), 1 failed."""
+    from ebmscale.train.heartbeat import last_beat
     results = {r: task_result(folder, job_id, r) for r in range(ntasks)}
     errors = {r: v for r, (kind, v) in results.items() if kind == "error"}
+    silent = [r for r, (kind, _) in results.items() if kind is None]
     kind0, val0 = results[0]
     if not errors and kind0 == "success" and isinstance(val0, dict):
         outcome = val0.get("outcome")
@@ -257,25 +260,35 @@ def report(folder: Path, job_id: str, ntasks: int, out: Path, state: str) -> int
               f"committed checkpoint is in {out}/checkpoints. Relaunch the same command to resume.")
         print(f"run folder: {out}")
         return 3
-    if errors:
+    code = 1
+
+    def peer_error(rank: int) -> bool:
+        return any(p.lower() in str(errors[rank]).lower() for p in _PEER_ERRORS)
+    if errors and silent and all(peer_error(r) for r in errors):
+        bad, code = silent[0], 4
+        print(f"HUNG: job {job_id}, rank {bad} {last_beat(out, bad) or '(no heartbeat file)'}, stopped answering; "
+              f"rank(s) {', '.join(map(str, sorted(errors)))} failed waiting for it in a collective "
+              f"(train.collective_timeout_s).", file=sys.stderr)
+        for r in silent[1:]:
+            print(f"  also silent: rank {r} {last_beat(out, r) or '(no heartbeat file)'}", file=sys.stderr)
+    elif errors:
         # the root cause is usually the rank whose error is not about losing its peers
-        ranks = sorted(errors, key=lambda r: (any(p in str(errors[r]) for p in _PEER_ERRORS), r))
-        bad = ranks[0]
+        bad = sorted(errors, key=lambda r: (peer_error(r), r))[0]
         last = [x for x in str(errors[bad]).strip().splitlines() if x.strip()]
         print(f"FAILED: job {job_id}, rank {bad} raised: {last[-1] if last else '?'}", file=sys.stderr)
         if len(errors) > 1:
             print(f"(ranks with errors: {', '.join(map(str, sorted(errors)))})", file=sys.stderr)
     else:
-        bad = next((r for r, (k, _) in results.items() if k is None), 0)
-        print(f"FAILED: job {job_id} ended ({state}) without a result from rank {bad} (killed, out of memory, "
-              f"time limit or node failure?)", file=sys.stderr)
+        bad = silent[0] if silent else 0
+        print(f"FAILED: job {job_id} ended ({state}) without a result from rank {bad} "
+              f"{last_beat(out, bad) or ''} (killed, out of memory, time limit or node failure?)", file=sys.stderr)
     log = _log_path(folder, job_id, bad)
     print(f"--- last lines of rank {bad}'s log {log} ---", file=sys.stderr)
     print(tail(log), file=sys.stderr)
     print("---", file=sys.stderr)
     print(f"run folder: {out}  (events: {out / LOG_NAME}; relaunching the same command resumes from the last "
           f"committed checkpoint)", file=sys.stderr)
-    return 1
+    return code
 
 
 def stop_now(job) -> None:
@@ -322,8 +335,7 @@ def wait_local(job, nproc: int, out: Path, follow: bool = True, peer_grace_s: fl
                 if any(task_result(folder, job.job_id, r)[0] == "error" for r in range(nproc)):
                     first_error = first_error or time.time()
                     if time.time() - first_error > peer_grace_s:
-                        job.cancel()
-                        time.sleep(2)
+                        stop_now(job)  # what still runs is stuck (hung, SIGSTOPped): it would ignore a cancel
                         break
                 time.sleep(0.5)
             except KeyboardInterrupt:

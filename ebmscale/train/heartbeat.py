@@ -59,3 +59,13 @@ def stale(run_dir: Path, floor_s: float = 60.0) -> list[str]:
             out.append(f"rank {b['rank']} on {b['host']} (pid {b['pid']}): silent {quiet:.0f} s at step {b['step']} "
                        f"({b['phase']})")
     return out
+
+
+def last_beat(run_dir: Path, rank: int) -> Optional[str]:
+    """What rank `rank` last reported: host, pid, step, phase and how long ago; None without a heartbeat file."""
+    try:
+        b = json.loads((Path(run_dir) / "heartbeat" / f"rank_{rank:05d}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return (f"on {b['host']} (pid {b['pid']}), last heard at step {b['step']} ({b['phase']}) "
+            f"{time.time() - b['time']:.0f} s ago")
