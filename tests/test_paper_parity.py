@@ -3,6 +3,7 @@ utils.py init_res_weight/smart_res_block/conv_block/spectral_normed_weight, trai
 import pytest
 import torch
 import torch.nn as nn
+from omegaconf import OmegaConf
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm
 
@@ -225,13 +226,24 @@ def test_release_buffer_codec_shrinks_and_ours_does_not():
     assert load_config(CONFIG_DIR / "cifar10.yaml").buffer.codec == "release"
 
 
-@pytest.mark.parametrize("override, words", [("recipe=icd", "paper, ebmscale"), ("model.residual=zero", "release, scaled"),
+@pytest.mark.parametrize("override, words", [("recipe=cd", "paper, ebmscale, icd"), ("model.residual=zero", "release, scaled"),
                                               ("buffer.labels=random", "batch, stored"), ("model.shortcut_kernel=5", "1, 3")])
 def test_bad_recipe_values_name_the_key(override, words):
     from ebmscale.config import ConfigError
     with pytest.raises(ConfigError) as e:
         load_config(CONFIG_DIR / "cifar10.yaml", [override])
     assert override.split("=")[0] in str(e.value) and words in str(e.value)
+
+
+def test_recipe_icd_is_ebmscale_plus_the_icd_terms():
+    from ebmscale.config import icd_active, recipe_choices
+    icd = load_config(CONFIG_DIR / "digits.yaml", ["recipe=icd"])
+    plain = load_config(CONFIG_DIR / "digits.yaml", ["recipe=ebmscale"])
+    assert icd_active(icd) and not icd_active(plain)
+    assert {k: OmegaConf.select(icd, k) for k in recipe_choices("ebmscale", icd.model)} == \
+        recipe_choices("ebmscale", plain.model)
+    on_paper = load_config(CONFIG_DIR / "cifar10.yaml", ["icd.enabled=true"])  # the terms on top of another recipe
+    assert icd_active(on_paper) and on_paper.model.shortcut_kernel == 3
 
 
 def test_a_run_written_before_recipes_reloads_as_ebmscale(tmp_path):

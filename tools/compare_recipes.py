@@ -81,9 +81,12 @@ def train(run_dir: Path, overrides: list[str], seed: int, minutes: float, shards
         except subprocess.TimeoutExpired:
             for rank in psutil.Process(proc.pid).children():  # torchrun's ranks: they checkpoint and exit
                 rank.send_signal(signal.SIGUSR1)
-            proc.wait()
-    if proc.returncode != 0:
-        raise SystemExit(f"[compare] training failed (exit {proc.returncode}); see {run_dir / 'train.log'}")
+            proc.wait()  # nonzero: a rank stopped with a checkpoint exits 3, and torchrun reports that as a failure
+    from ebmscale.train.checkpoint import healthy_checkpoints
+    if not healthy_checkpoints(run_dir / "checkpoints"):
+        raise SystemExit(f"[compare] training left no committed checkpoint (exit {proc.returncode}); see "
+                         f"{run_dir / 'train.log'}")
+    (run_dir / "trained.json").write_text(json.dumps({"minutes": minutes, "exit": proc.returncode}) + "\n")
 
 
 def evaluate(run_dir: Path, classifier: Path, seed: int, per_class: int, dry: bool) -> dict:
@@ -150,10 +153,14 @@ def main() -> int:
             run_dir = out / f"{recipe}_seed{seed}"
             if str(seed) in results.get(recipe, {}):
                 continue
-            if run_dir.exists() and not a.dry_run:  # an interrupted earlier attempt: set aside, never resumed or deleted
-                run_dir.rename(run_dir.with_name(f"{run_dir.name}.interrupted-{int(time.time())}"))
             t0 = time.time()
-            train(run_dir, overrides, seed, a.minutes, a.shards, a.dry_run)
+            trained = run_dir / "trained.json"
+            if trained.exists() and json.loads(trained.read_text())["minutes"] == a.minutes:
+                print(f"[compare] {run_dir} was trained for {a.minutes} min already: evaluating it", flush=True)
+            else:
+                if run_dir.exists() and not a.dry_run:  # an interrupted attempt: set aside, never resumed or deleted
+                    run_dir.rename(run_dir.with_name(f"{run_dir.name}.interrupted-{int(time.time())}"))
+                train(run_dir, overrides, seed, a.minutes, a.shards, a.dry_run)
             row = {**evaluate(run_dir, classifier, seed, a.per_class, a.dry_run), "minutes": a.minutes,
                    "train_wall_min": (time.time() - t0) / 60}
             print(f"[compare] {recipe} seed {seed}: {json.dumps(row)}", flush=True)
