@@ -11,8 +11,9 @@ it with SIGUSR1 to its ranks, which commit a checkpoint. Then evaluate that chec
   60 steps, and from noise with the paper's test-time procedure; FID in the CNN's feature space (buffer and
   test-time samples); OOD AUROC against uniform noise, constant images, interpolations and the near-distribution
   rot90 / quadrants; how often the stability guard fired (skipped steps, rollbacks) and the steps reached.
-Writes OUT/results.json and OUT/table.md (mean and range over seeds), adding to the runs already there (a run
-folder with eval results is not trained again). --dry-run prints the commands only.
+Writes OUT/results.json and OUT/table.md (mean and range over seeds). Re-running continues where it stopped: a
+run trained for the same --minutes is not trained again, and a sample set or score already written is not
+recomputed. --dry-run prints the commands only.
 """
 from __future__ import annotations
 
@@ -90,18 +91,19 @@ def train(run_dir: Path, overrides: list[str], seed: int, minutes: float, shards
 
 
 def evaluate(run_dir: Path, classifier: Path, seed: int, per_class: int, dry: bool) -> dict:
+    """Each sample set and score once: a command whose output is already there is not run again."""
     ev, py, log = run_dir / "eval", sys.executable, run_dir / "eval.log"
     out: dict = {}
+
+    def once(output: Path, cmd: list[str]) -> None:
+        if dry or not output.exists():
+            run([py, *cmd, str(output)], dry, log)
     for name, flags in SAMPLES.items():
         npz = ev / f"{name}.npz"
-        run([py, "tools/sample.py", str(run_dir), "--per-class", str(per_class), "--seed", str(seed), *flags, "--out", str(npz)],
-            dry, log)
-        run([py, "tools/evaluate.py", "accuracy", str(npz), "--classifier", str(classifier),
-             "--json", str(ev / f"accuracy_{name}.json")], dry, log)
-        if name != "noise60":
-            run([py, "tools/evaluate.py", "fid", str(npz), "--classifier", str(classifier),
-                 "--json", str(ev / f"fid_{name}.json")], dry, log)
-    run([py, "tools/evaluate.py", "ood", str(run_dir), "--synthetic", *OOD, "--json", str(ev / "ood.json")], dry, log)
+        once(npz, ["tools/sample.py", str(run_dir), "--per-class", str(per_class), "--seed", str(seed), *flags, "--out"])
+        for task in ("accuracy", "fid"):
+            once(ev / f"{task}_{name}.json", ["tools/evaluate.py", task, str(npz), "--classifier", str(classifier), "--json"])
+    once(ev / "ood.json", ["tools/evaluate.py", "ood", str(run_dir), "--synthetic", *OOD, "--json"])
     if dry:
         return out
     read = lambda p: json.loads(p.read_text())["metrics"] if p.exists() else {}  # noqa: E731
@@ -143,31 +145,26 @@ def main() -> int:
     out, classifier = Path(a.out).resolve(), Path(a.classifier).resolve()
     if not classifier.exists():
         run([sys.executable, "tools/evaluate.py", "digits-classifier", str(classifier)], a.dry_run)
-    results_file = out / "results.json"
-    results: dict = json.loads(results_file.read_text()) if results_file.exists() else {}
+    results: dict = {}
     for seed in a.seeds:
         for recipe in a.recipes:
             overrides = recipe_overrides(recipe)
             if overrides is None:
                 raise SystemExit(f"[compare] recipe '{recipe}' is not accepted by configs/digits.yaml")
             run_dir = out / f"{recipe}_seed{seed}"
-            if str(seed) in results.get(recipe, {}):
-                continue
-            t0 = time.time()
             trained = run_dir / "trained.json"
             if trained.exists() and json.loads(trained.read_text())["minutes"] == a.minutes:
-                print(f"[compare] {run_dir} was trained for {a.minutes} min already: evaluating it", flush=True)
+                print(f"[compare] {run_dir} was trained for {a.minutes} min already", flush=True)
             else:
                 if run_dir.exists() and not a.dry_run:  # an interrupted attempt: set aside, never resumed or deleted
                     run_dir.rename(run_dir.with_name(f"{run_dir.name}.interrupted-{int(time.time())}"))
                 train(run_dir, overrides, seed, a.minutes, a.shards, a.dry_run)
-            row = {**evaluate(run_dir, classifier, seed, a.per_class, a.dry_run), "minutes": a.minutes,
-                   "train_wall_min": (time.time() - t0) / 60}
+            row = {**evaluate(run_dir, classifier, seed, a.per_class, a.dry_run), "minutes": a.minutes}
             print(f"[compare] {recipe} seed {seed}: {json.dumps(row)}", flush=True)
             if not a.dry_run:
                 results.setdefault(recipe, {})[str(seed)] = row
                 out.mkdir(parents=True, exist_ok=True)
-                results_file.write_text(json.dumps(results, indent=1) + "\n")
+                (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     if not a.dry_run:
         out.mkdir(parents=True, exist_ok=True)
         (out / "table.md").write_text(table(results) + "\n")
