@@ -23,8 +23,8 @@ def format_eta(seconds: Optional[float]) -> str:
 
 
 def progress_line(step: int, total: int, metrics: dict, eta_s: Optional[float], precision: str) -> str:
-    return (f"{PREFIX} step {step}/{total} ({100 * step // max(total, 1)}%) loss {metrics['loss']:.4f} "
-            f"E+ {metrics['e_pos']:.4f} E- {metrics['e_neg']:.4f} img/s {metrics['images_per_s']:.1f} "
+    return (f"{PREFIX} step {step}/{total} ({100 * step // max(total, 1)}%) loss {metrics['batch/loss']:.4f} "
+            f"E+ {metrics['batch/e_pos']:.4f} E- {metrics['batch/e_neg']:.4f} img/s {metrics['images_per_s']:.1f} "
             f"ETA {format_eta(eta_s)} {precision}")
 
 

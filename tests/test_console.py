@@ -22,7 +22,8 @@ class Terminal(io.StringIO):
 
 
 def test_progress_line_plain_in_a_file_and_a_bar_in_a_terminal():
-    line = progress_line(25, 1500, {"loss": 0.01, "e_pos": -0.5, "e_neg": 0.25, "images_per_s": 45.2}, 754, "bf16")
+    line = progress_line(25, 1500, {"batch/loss": 0.01, "batch/e_pos": -0.5, "batch/e_neg": 0.25,
+                                     "images_per_s": 45.2}, 754, "bf16")
     assert line == "[ebmscale] progress step 25/1500 (1%) loss 0.0100 E+ -0.5000 E- 0.2500 img/s 45.2 ETA 12m34s bf16"
     assert LINE.match(line).groups()[:2] == ("25", "1500")
     plain = io.StringIO()

@@ -256,7 +256,7 @@ def test_nan_and_collapse_roll_back_to_the_last_healthy_checkpoint_with_remedies
     assert collapse[0] == collapse[1] and "collapse" in collapse[0] and "rollback 2/3 to step 6, remedy sampler.steps+2" in collapse[0]
     m = metrics(run)
     assert m[12]["lr"] == pytest.approx(1.5e-4) and m[12]["guard/rollbacks"] == 2
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in m.values())
+    assert all(torch.isfinite(torch.tensor(r["batch/loss"])) for r in m.values())
     final = list_checkpoints(run / "checkpoints")[-1]
     assert final.name == "step_000000012" and healthy(final)
     state = Checkpointer.read_trainer_state(final)["guard"]["run"]
@@ -299,7 +299,7 @@ def test_huge_learning_rate_rolls_back_to_the_start_and_a_nan_batch_is_skipped(t
     assert nan[0] == nan[1] and nan[0].endswith("-> skip")
     m = metrics(run)
     assert m[6]["lr"] == pytest.approx(1e-3) and m[6]["guard/skipped_steps"] == 1
-    assert all(abs(m[s]["e_pos"]) < 10 for s in (3, 4, 5, 6))  # the skipped NaN step reached no weight
+    assert all(abs(m[s]["batch/e_pos"]) < 10 for s in (3, 4, 5, 6))  # the skipped NaN step reached no weight
     status, tags, texts, events = mlflow(tmp_path)
     assert status == "FINISHED" and events == [(2, 3.0), (4, 2.0)]  # rollback, skip
     assert "first bad step: 2" in texts["event_0001_step_000000002_rollback.txt"]

@@ -40,9 +40,9 @@ def test_icd_kill_then_resume_continues_exactly(tmp_path, digits_shards):
         assert m, out[-3000:]
         assert m.groups() == (fingerprint(f["buffer"]), fingerprint(f["rng"]), fingerprint({"bank": f["icd"]["bank"]}))
     la, lb = losses(a), losses(b)
-    assert la[4]["loss"] == lb[4]["loss"] and la[4]["icd/entropy"] != 0.0  # the entropy term is live
+    assert la[4]["batch/loss"] == lb[4]["batch/loss"] and la[4]["icd/entropy"] != 0.0  # the entropy term is live
     for step in (5, 6):
-        for key in ("loss", "icd/kl", "icd/entropy", "e_neg"):
+        for key in ("batch/loss", "icd/kl", "icd/entropy", "batch/e_neg"):
             assert la[step][key] == pytest.approx(lb[step][key], rel=1e-6, abs=1e-7), (step, key)
 
 

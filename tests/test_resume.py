@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 def losses(run):
     rows = [json.loads(l) for l in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
+    return {r["step"]: r["batch/loss"] for r in rows}
 
 
 def rank_file(run, step, rank):

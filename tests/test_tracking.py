@@ -1,5 +1,6 @@
 """The tracker against a real `mlflow server` (one per module, ~10 s to start), checked over its REST API."""
 import json
+import re
 import time
 
 import numpy as np
@@ -197,3 +198,60 @@ def test_experiment_opens_in_the_model_training_view(tmp_path):
     bare = client.create_experiment("bare")
     launch(config(experiment="bare"), tmp_path / "runs" / "b").finish("FINISHED")
     assert client.get_experiment(bare).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def mlflow_chart_sections(keys) -> list:
+    """[(section, [key, ...]), ...] as MLflow 3's UI lays out the charts of these metric keys, on the run page's
+    "Model metrics" tab and in the experiment's chart view alike (RunsChartsCardConfig.extractChartSectionName and
+    getBaseChartAndSectionConfigs, mlflow/server/js/src/experiment-tracking/components/runs-charts/runs-charts.types.ts):
+    a key's section is its part before the last "/" ("" is "Model metrics", "system" is "System metrics"); the named
+    sections come sorted, then "Model metrics", then "System metrics"; a section's charts are sorted by key."""
+    sections = {}
+    for key in sorted(keys):
+        name = key.rpartition("/")[0]
+        sections.setdefault({"": "Model metrics", "system": "System metrics"}.get(name, name), []).append(key)
+    last = ["Model metrics", "System metrics"]
+    return [(name, sections[name]) for name in sorted(set(sections) - set(last)) + last if name in sections]
+
+
+def test_loss_energies_and_langevin_are_the_first_charts_in_mlflow():
+    """The keys of one training log step (the trainer's metrics with ICD on, and the guard's), through MLflow's
+    rule: the loss and the energies are the first section, the Langevin diagnostics the second, the rest after."""
+    from types import SimpleNamespace
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from ebmscale.buffer import ReplayBuffer
+    from ebmscale.config import GuardConfig, load_config
+    from ebmscale.models import build_model
+    from ebmscale.sampling.langevin import LangevinStats
+    from ebmscale.train.guard import Guard
+    from ebmscale.train.icd import ICD
+    from ebmscale.train.trainer import Trainer
+
+    cfg = load_config("configs/digits.yaml", ["model.filters=4", "icd.enabled=true", "icd.kl_steps=1",
+                                              "icd.entropy_bank=8", "icd.entropy_compare=4", "tracking.enabled=false"])
+    icd = ICD(cfg, (1, 16, 16), "cpu")
+    icd.remember(torch.rand(8, 1, 16, 16), step=0)
+    model, y = build_model(cfg.model), torch.randint(0, 10, (4,))
+    _, icd_stats = icd.loss(model, icd.last_steps(model, torch.rand(4, 1, 16, 16), y, torch.float32), y, torch.float32)
+    zero = torch.tensor(0.0)
+    out = {"loss": zero, "e_pos": zero, "e_neg": zero, "langevin": LangevinStats(zero, zero, zero, zero),
+           "fresh": zero, "age": zero, "t_sample": 0.1, "t_update": 0.1, "icd": icd_stats}
+    trainer = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), world_size=1, stream=None,
+                              buffer=ReplayBuffer(4, (1, 16, 16)),
+                              engine=SimpleNamespace(optimizer=SimpleNamespace(param_groups=[{"lr": 1e-4}])))
+    guard = Guard(OmegaConf.structured(GuardConfig()), {"optim.lr": 1e-4}, world_size=1, device=torch.device("cpu"))
+    keys = {**Trainer.metrics(trainer, out, 10.0, 0.01), **guard.judge(1, [0.0] * 9).metrics, **guard.counters()}
+    assert all(re.fullmatch(r"[a-z0-9_/]+", k) for k in keys), keys  # plain sort == the UI's localeCompare
+
+    sections = mlflow_chart_sections(keys)
+    assert sections[0] == ("batch", ["batch/e_neg", "batch/e_pos", "batch/energy_gap", "batch/loss"])
+    assert sections[1] == ("batch/langevin", ["batch/langevin/energy_end", "batch/langevin/energy_start",
+                                              "batch/langevin/grad_abs", "batch/langevin/step_change"])
+    assert [name for name, _ in sections[2:]] == ["buffer", "data", "guard", "icd", "time", "Model metrics"]
+    assert sections[-1][1] == ["grad_norm", "images_per_s", "lr"]
+    # the rule itself: unprefixed keys come after every named section, "system/" last
+    assert [n for n, _ in mlflow_chart_sections(["loss", "zeta/a", "system/cpu", "a/b/c"])] == \
+        ["a/b", "zeta", "Model metrics", "System metrics"]

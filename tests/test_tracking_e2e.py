@@ -21,9 +21,10 @@ from conftest import ROOT, TINY
 pytestmark = pytest.mark.slow
 
 # what every log step must carry (train.log_every=1 in TINY)
-METRICS = ["loss", "e_pos", "e_neg", "energy_gap", "grad_norm", "lr", "images_per_s", "time/sample_s",
-           "time/update_s", "time/data_s", "langevin/energy_start", "langevin/energy_end", "langevin/grad_abs",
-           "langevin/step_change", "buffer/fresh_share", "buffer/mean_age", "buffer/fill", "data/bad_samples"]
+METRICS = ["batch/loss", "batch/e_pos", "batch/e_neg", "batch/energy_gap", "grad_norm", "lr", "images_per_s",
+           "time/sample_s", "time/update_s", "time/data_s", "batch/langevin/energy_start", "batch/langevin/energy_end",
+           "batch/langevin/grad_abs", "batch/langevin/step_change", "buffer/fresh_share", "buffer/mean_age",
+           "buffer/fill", "data/bad_samples"]
 PICTURES = ["negatives", "positives", "energy_histogram"]
 
 
@@ -119,7 +120,7 @@ def test_run_tracked_through_a_server_outage(mlflow_server, tmp_path, digits_sha
         assert paused_at < steps, "too fast: training ended before the pause"
         mlflow_server.start()
         wait_for(lambda: "is back" in log.read_text(errors="replace"), 60, "the backlog", proc, log)
-        on_server = mlflow_server.metric_steps(run_id, "loss")
+        on_server = mlflow_server.metric_steps(run_id, "batch/loss")
         assert on_server == list(range(1, max(logged_steps(run_dir)) + 1)), on_server  # all, while training waits
         assert proc.poll() is None and max(logged_steps(run_dir)) < steps
     finally:
@@ -183,7 +184,7 @@ def test_crash_fails_the_run_and_relaunch_continues_it_in_the_ui(tmp_path, digit
     client = MlflowClient(uri)
     run = client.get_run(run_id)
     assert run.info.status == "FAILED", (run.info.status, text[-4000:])
-    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(run_id, "batch/loss")] == [1, 2, 3]
 
     text = finish_train(*start_train(run_dir, digits_shards, *args))
     assert "resumed step 2" in text
@@ -192,10 +193,10 @@ def test_crash_fails_the_run_and_relaunch_continues_it_in_the_ui(tmp_path, digit
     assert run.info.status == "FINISHED" and run.data.tags["restart_count"] == "1"
     assert run.data.tags["end_reason"] == "completed"
     assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [run_id]
-    for key in ("loss", "e_neg", "grad_norm", "checkpoint.step"):
+    for key in ("batch/loss", "batch/e_neg", "grad_norm", "checkpoint.step"):
         history = [m.step for m in client.get_metric_history(run_id, key)]
         assert history == sorted(set(history)) and history[-1] == steps, (key, history)  # no step twice
-    assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(1, steps + 1))
+    assert [m.step for m in client.get_metric_history(run_id, "batch/loss")] == list(range(1, steps + 1))
 
     status = subprocess.run([sys.executable, str(ROOT / "tools" / "status.py"), str(run_dir)], capture_output=True,
                             text=True, check=True).stdout
@@ -224,7 +225,7 @@ def test_crash_fails_the_run_and_relaunch_continues_it_in_the_ui(tmp_path, digit
             assert im.format == ("GIF" if path.endswith(".gif") else "PNG") and min(im.size) > 16, path
         assert Image.open(io.BytesIO(r.content)).n_frames > 1
         history = requests.get(f"{url}/ajax-api/2.0/mlflow/metrics/get-history-bulk-interval", timeout=10,
-                               params={"run_ids": run_id, "metric_key": "loss", "max_results": 320}).json()
+                               params={"run_ids": run_id, "metric_key": "batch/loss", "max_results": 320}).json()
         assert [m["step"] for m in history["metrics"]] == list(range(1, steps + 1))
     finally:
         os.killpg(ui.pid, signal.SIGKILL)

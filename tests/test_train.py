@@ -26,7 +26,7 @@ def test_two_ranks_train_checkpoint_resume_and_track(tmp_path, digits_shards):
     assert (run / "checkpoints" / "latest").read_text().strip() == ck.name
     assert (run / "config.yaml").exists() and list((run / "samples").glob("negatives_*.png"))
     m = metrics(run)
-    assert sorted(m) == [1, 2, 3, 4, 5, 6] and all(abs(r["loss"]) < 1e3 for r in m.values())
+    assert sorted(m) == [1, 2, 3, 4, 5, 6] and all(abs(r["batch/loss"]) < 1e3 for r in m.values())
     run_id = json.loads((run / "tracking.json").read_text())["run_id"]
     assert run_id
 
@@ -38,7 +38,7 @@ def test_two_ranks_train_checkpoint_resume_and_track(tmp_path, digits_shards):
     db = sqlite3.connect(tmp_path / "mlflow.db")
     runs = db.execute("select run_uuid, status from runs").fetchall()
     assert runs == [(run_id, "FINISHED")]
-    steps = [s for (s,) in db.execute("select step from metrics where key='loss' and run_uuid=? order by step",
+    steps = [s for (s,) in db.execute("select step from metrics where key='batch/loss' and run_uuid=? order by step",
                                       (run_id,))]
     assert steps == list(range(1, 10))  # one continuous history, no step twice
 

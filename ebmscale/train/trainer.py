@@ -173,8 +173,8 @@ class Trainer:
                        **verdict.metrics, **self.guard.counters()}
             self._window = [time.perf_counter(), 0, 0.0]
             if self.rank == 0:
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", Epos=f"{metrics['e_pos']:.3f}",
-                                Eneg=f"{metrics['e_neg']:.3f}", ips=f"{metrics['images_per_s']:.1f}")
+                bar.set_postfix(loss=f"{metrics['batch/loss']:.4f}", Epos=f"{metrics['batch/e_pos']:.3f}",
+                                Eneg=f"{metrics['batch/e_neg']:.3f}", ips=f"{metrics['images_per_s']:.1f}")
                 if bar.disable:
                     t0, step0 = self._started
                     done = self.step - step0
@@ -248,10 +248,11 @@ class Trainer:
     # ---- outputs ------------------------------------------------------------------------------
     def metrics(self, out: dict, images_per_s: float, data_s_per_img: float) -> dict:
         ls = out["langevin"]
-        m = {"loss": out["loss"], "e_pos": out["e_pos"], "e_neg": out["e_neg"],
-             "energy_gap": out["e_neg"] - out["e_pos"],
-             "langevin/energy_start": ls.energy_start, "langevin/energy_end": ls.energy_end,
-             "langevin/grad_abs": ls.grad_abs, "langevin/step_change": ls.step_change,
+        # "batch/" and "batch/langevin/" sort first among MLflow's chart sections (tracking/README.md)
+        m = {"batch/loss": out["loss"], "batch/e_pos": out["e_pos"], "batch/e_neg": out["e_neg"],
+             "batch/energy_gap": out["e_neg"] - out["e_pos"],
+             "batch/langevin/energy_start": ls.energy_start, "batch/langevin/energy_end": ls.energy_end,
+             "batch/langevin/grad_abs": ls.grad_abs, "batch/langevin/step_change": ls.step_change,
              "buffer/fresh_share": out["fresh"], "buffer/mean_age": out["age"], **out.get("icd", {})}
         vals = torch.stack([torch.as_tensor(v, dtype=torch.float32).to(self.device) for v in m.values()])
         if dist.is_available() and dist.is_initialized():
