@@ -387,7 +387,7 @@ def test_a_hung_rank_ends_the_job_named_with_exit_code_4(tmp_path, digits_shards
     run = tmp_path / "run"
     proc = _launch(["--local", "--nproc", "2", DIGITS, f"run.dir={run}", digits_shards, "model.filters=8",
                     "sampler.steps=5", "train.steps=100000", "train.log_every=5", "train.threads=1",
-                    "tracking.enabled=false"], env={"EBMSCALE_DIST_TIMEOUT_S": "20"})
+                    "tracking.enabled=false"], env={"EBMSCALE_DIST_TIMEOUT_S": "30"})
     beat, deadline = run / "heartbeat" / "rank_00001.json", time.time() + 400
     try:
         while not (beat.exists() and (json.loads(beat.read_text() or "{}").get("step") or 0) >= 5):
