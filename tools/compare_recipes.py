@@ -29,10 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# ICD on digits: the release applies no augmentation to MNIST; a mirrored digit is another symbol, and grayscale
-# and hue do nothing to one channel, so crop and brightness/contrast only, milder than cifar10's
-ICD_DIGITS = ["icd.flip=false", "icd.grayscale=0", "icd.crop_scale=0.5", "icd.color_jitter=0.5", "model.scales=2"]
-RECIPES = {"paper": ["recipe=paper"], "ebmscale": ["recipe=ebmscale"], "icd": ["recipe=icd", *ICD_DIGITS]}
+# icd: with configs/digits.yaml's icd section (crop and brightness/contrast only) and two scales
+RECIPES = {"paper": ["recipe=paper"], "ebmscale": ["recipe=ebmscale"], "icd": ["recipe=icd", "model.scales=2"]}
 SAMPLES = {"buffer": ["--init", "buffer"],
            "noise60": ["--init", "noise", "--steps", "60"],
            "noise_ttp": ["--init", "noise", "--rounds", "10", "--steps", "30", "--reinit", "0.01", "--relabel", "0.1",
