@@ -262,8 +262,9 @@ def report(folder: Path, job_id: str, ntasks: int, out: Path, state: str) -> int
         return 3
     code = 1
 
-    def peer_error(rank: int) -> bool:
-        return any(p.lower() in str(errors[rank]).lower() for p in _PEER_ERRORS)
+    def peer_error(rank: int) -> bool:  # lost its peers (gloo says "Timed out"); a stuck loader is its own cause
+        text = str(errors[rank])
+        return "LoaderTimeout" not in text and any(p.lower() in text.lower() for p in _PEER_ERRORS)
     if errors and silent and all(peer_error(r) for r in errors):
         bad, code = silent[0], 4
         print(f"HUNG: job {job_id}, rank {bad} {last_beat(out, bad) or '(no heartbeat file)'}, stopped answering; "
