@@ -3,10 +3,10 @@ profile/flag precedence, rank detection from fake SLURM / torchrun / submitit en
 requeue bookkeeping; and (slow) real --local runs through submitit's LocalExecutor."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import re
 import time
 from pathlib import Path
 
@@ -378,6 +378,30 @@ def test_local_launch_failing_rank_is_reported(tmp_path, digits_shards):
     assert proc.returncode == 1, out
     assert "FAILED" in out and "ModuleNotFoundError" in out and "last lines of rank" in out
     assert "FAILED on rank 0" in (run / "launcher.log").read_text()
+
+
+def _results(folder: Path, job_id: str, per_rank: dict) -> None:
+    from submitit.core.utils import JobPaths, cloudpickle_dump
+    for rank, result in per_rank.items():
+        path = JobPaths(folder, job_id=job_id, task_id=rank).result_pickle
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cloudpickle_dump(result, path)
+
+
+def test_report_names_a_silent_rank_as_hung_but_not_a_stuck_loader(tmp_path, capsys):
+    from ebmscale.train.heartbeat import Heartbeat
+    folder = tmp_path / "logs"
+    Heartbeat(tmp_path, 1).beat(17)
+    gloo = "RuntimeError: [gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 30000ms for recv operation"
+    _results(folder, "7", {0: ("error", gloo)})  # rank 1 left no result
+    assert submit.report(folder, "7", 2, tmp_path, "FAILED") == 4
+    err = capsys.readouterr().err
+    assert f"HUNG: job 7, rank 1 on {os.uname().nodename} (pid {os.getpid()}), last heard at step 17" in err
+    assert "rank(s) 0 failed waiting for it" in err
+    loader = "ebmscale.data.stream.LoaderTimeout: rank 0 on h: no batch ... data.loader_timeout_s=600 s"
+    _results(folder, "8", {0: ("error", loader), 1: ("error", gloo)})
+    assert submit.report(folder, "8", 2, tmp_path, "FAILED") == 1
+    assert "FAILED: job 8, rank 0 raised: ebmscale.data.stream.LoaderTimeout" in capsys.readouterr().err
 
 
 @pytest.mark.slow
