@@ -244,6 +244,17 @@ def init(timeout_s: Optional[float] = None) -> Dist:
     return d
 
 
+def time_out_every_group(timeout_s: Optional[float] = None) -> int:
+    """Give every process group the collective timeout; returns how many. torch gives a group made with
+    `new_group` its backend's default (30 min for gloo), not the world's, and DeepSpeed makes its own (ZeRO's
+    data-parallel group is a clone of the world): call this after `deepspeed.initialize`."""
+    from torch.distributed import distributed_c10d as c10d
+    groups = list(c10d._world.pg_map)
+    for group in groups:
+        c10d._set_pg_timeout(timedelta(seconds=collective_timeout_s(timeout_s)), group)
+    return len(groups)
+
+
 def shutdown() -> None:
     """Let gloo's threads finish, then destroy the process group; registered with atexit by `init()`.
     A gloo worker thread may still hold the last collective's temporaries (all_gather_object's tensors) when the

@@ -95,8 +95,9 @@ def test_collectives_use_the_backends_device_and_an_explicit_timeout(monkeypatch
 
 
 def test_the_timeout_reaches_the_process_group():
-    """A real process group: the default group's timeout is the configured one, not a library default; and
-    DeepSpeed's CPU inference op is not compiled (training never uses it)."""
+    """A real process group: the default group's timeout is the configured one, not a library default, and so is
+    every later group's once `time_out_every_group` ran; DeepSpeed's CPU inference op is not compiled (training
+    never uses it)."""
     code = "\n".join([
         "import os, torch",
         "from ebmscale import distributed",
@@ -104,7 +105,12 @@ def test_the_timeout_reaches_the_process_group():
         "distributed.init(timeout_s=77)",
         "pg = torch.distributed.distributed_c10d._get_default_group()",
         "print('TIMEOUT', pg._get_backend(torch.device('cpu')).options._timeout.total_seconds())",
-        "import deepspeed.comm.comm as cc; print('SHM', cc.cdb.shm_comm_op)"])
+        "import deepspeed.comm.comm as cc; print('SHM', cc.cdb.shm_comm_op)",
+        # a group made later (as DeepSpeed makes ZeRO's data-parallel group) starts at torch's 30 minutes
+        "g = torch.distributed.new_group([0])",
+        "print('NEW', g._get_backend(torch.device('cpu')).options._timeout.total_seconds())",
+        "print('GROUPS', distributed.time_out_every_group(77))",
+        "print('AFTER', g._get_backend(torch.device('cpu')).options._timeout.total_seconds())"])
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
     env.pop("EBMSCALE_DIST_TIMEOUT_S", None)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -112,6 +118,7 @@ def test_the_timeout_reaches_the_process_group():
     assert res.returncode == 0 and line, res.stdout + res.stderr
     assert float(line[0].split()[1]) == 77.0
     assert "SHM None" in res.stdout
+    assert "NEW 1800.0" in res.stdout and "AFTER 77.0" in res.stdout, res.stdout
 
 
 def test_selftest_puts_its_collective_tensors_on_the_backends_device():

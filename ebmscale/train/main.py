@@ -159,6 +159,7 @@ def build_engine(cfg, rank: int, ds_cfg: dict):
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     torch.manual_seed(cfg.run.seed + 7919 * rank)
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim), config=ds_cfg)
+    distributed.time_out_every_group(cfg.train.collective_timeout_s)
     if cfg.guard.enabled:
         check_discard_supported(engine)
     return engine
