@@ -423,6 +423,8 @@ def test_a_hung_rank_ends_the_job_named_with_exit_code_4(tmp_path, digits_shards
     finally:
         if proc.poll() is None:
             proc.kill()
+        for pid in _task_pids(run / "logs" / "submitit"):  # a failed run must not leave a stopped rank behind
+            os.kill(pid, signal.SIGKILL)
     assert proc.returncode == 4, out
     assert re.search(rf"HUNG: job \S+, rank 1 on \S+ \(pid {hung}\), last heard at step \d+", out), out
     assert "rank(s) 0 failed waiting for it in a collective" in out
