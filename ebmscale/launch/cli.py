@@ -17,7 +17,6 @@ from typing import List, Optional, Sequence, Tuple
 
 EXIT_CONFIG = 2
 EXIT_STOPPED = 3
-EXIT_HUNG = 4  # also in launch.submit.report
 
 DESCRIPTION = """\
 Launch an ebmscale training run: on SLURM through submitit (when sbatch is on PATH), or with

@@ -242,6 +242,9 @@ _PEER_ERRORS = ("Connection closed by peer", "Connection reset by peer", "timed 
                 "Broken pipe", "ProcessGroup")
 
 
+EXIT_HUNG = 4  # a rank stopped answering and the others failed waiting for it (cli.py's docstring lists the codes)
+
+
 def report(folder: Path, job_id: str, ntasks: int, out: Path, state: str) -> int:
     """Print the outcome from the tasks' result files; 0 completed, 3 stopped/preempted, 4 a rank hung or died
     silently (the others failed waiting for it), 1 failed."""
@@ -266,7 +269,7 @@ def report(folder: Path, job_id: str, ntasks: int, out: Path, state: str) -> int
         text = str(errors[rank])
         return "LoaderTimeout" not in text and any(p.lower() in text.lower() for p in _PEER_ERRORS)
     if errors and silent and all(peer_error(r) for r in errors):
-        bad, code = silent[0], 4
+        bad, code = silent[0], EXIT_HUNG
         print(f"HUNG: job {job_id}, rank {bad} {last_beat(out, bad) or '(no heartbeat file)'}, stopped answering; "
               f"rank(s) {', '.join(map(str, sorted(errors)))} failed waiting for it in a collective "
               f"(train.collective_timeout_s).", file=sys.stderr)
