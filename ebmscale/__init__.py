@@ -16,9 +16,6 @@ if "DS_ACCELERATOR" not in os.environ:
 
 __version__ = "0.1.0"
 
-
-def load_model(path, device="cpu"):
-    """An energy model in eval mode from an `ebmscale export` folder (torch + safetensors only), a run folder or a
-    checkpoint folder."""
-    from ebmscale.export import load_model as load
-    return load(path, device)
+# load_model(path, device="cpu"): an energy model in eval mode from an `ebmscale export` folder (torch + safetensors
+# only), a run folder or a checkpoint folder. Imported after the accelerator choice above.
+from ebmscale.eval.loading import load_model  # noqa: E402,F401

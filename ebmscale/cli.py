@@ -14,6 +14,8 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
+from ebmscale import __version__
+
 COMMANDS = {  # name: (module, function, summary)
     "launch": ("ebmscale.launch.cli", "launch_main", "train on SLURM, or --local on this machine"),
     "status": ("ebmscale.commands.status", "main", "the state of a run folder"),
@@ -36,7 +38,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
-        from ebmscale import __version__
         print(f"ebmscale {__version__}")
         return 0
     if argv[0] not in COMMANDS:

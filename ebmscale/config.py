@@ -23,6 +23,7 @@ def shipped_dir(checkout: str, installed: str) -> Path:
 
 
 CONFIG_DIR = shipped_dir("configs", "configs")
+ARCHS = ("resnet32", "resnet32large", "resnet32wider", "resnet128")  # their block tables: models/resnet.py
 ACTIVATIONS = ("leaky_relu", "swish")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: resolved per run by ebmscale/precision.py
 BUFFER_DTYPES = ("uint8", "fp16")
@@ -361,8 +362,7 @@ def validate(cfg: DictConfig) -> None:
         k = sorted(missing)[0]
         raise ConfigError(f"{k}: required but not set; give it in the config or as {k}=VALUE")
     m, s, b, d, o, t, c = cfg.model, cfg.sampler, cfg.buffer, cfg.data, cfg.optim, cfg.train, cfg.checkpoint
-    from ebmscale.models.resnet import ARCH_BLOCKS
-    _check(m.arch in ARCH_BLOCKS, "model.arch", f"unknown architecture '{m.arch}'; allowed: {', '.join(ARCH_BLOCKS)}")
+    _check(m.arch in ARCHS, "model.arch", f"unknown architecture '{m.arch}'; allowed: {', '.join(ARCHS)}")
     _check(m.activation in ACTIVATIONS, "model.activation",
            f"unknown activation '{m.activation}'; allowed: {', '.join(ACTIVATIONS)}")
     _check(m.filters > 0, "model.filters", f"must be > 0, got {m.filters}")

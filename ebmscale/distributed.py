@@ -32,6 +32,10 @@ import warnings
 from datetime import timedelta
 from typing import List, Mapping, MutableMapping, NamedTuple, Optional, Tuple
 
+import torch
+import torch.distributed as tdist
+from torch.distributed import distributed_c10d as c10d
+
 
 class Dist(NamedTuple):
     rank: int
@@ -46,6 +50,31 @@ class Dist(NamedTuple):
 _current: Optional[Dist] = None
 
 
+# SLURM job states after which a job holds nothing (launch/submit.py waits for them; train/runlock.py frees a lock)
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "GONE")
+
+
+def slurm_state(job_id: str) -> str:
+    """The job's state from sacct (through requeues), else squeue; GONE when neither knows it."""
+    if shutil.which("sacct"):
+        try:
+            res = subprocess.run(["sacct", "-n", "-P", "-X", "-j", str(job_id), "-o", "State"],
+                                 capture_output=True, text=True, timeout=60)
+            lines = [x.strip() for x in res.stdout.splitlines() if x.strip()]
+            if res.returncode == 0 and lines:
+                return lines[-1].split()[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        res = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
+                             timeout=60)
+        state = res.stdout.strip()
+        return state.split()[0] if state else "GONE"
+    except (OSError, subprocess.SubprocessError):
+        return "UNKNOWN"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -56,11 +85,7 @@ def default_backend() -> str:
     forced = os.environ.get("EBMSCALE_DIST_BACKEND")
     if forced:
         return forced
-    try:
-        import torch
-        return "nccl" if torch.cuda.is_available() else "gloo"
-    except ImportError:  # pragma: no cover
-        return "gloo"
+    return "nccl" if torch.cuda.is_available() else "gloo"
 
 
 def slurm_port(job_id: str) -> int:
@@ -216,7 +241,6 @@ def skip_cpu_inference_op() -> None:
 
 def collective_device(backend: str):
     """Where tensors for a collective must live: the current GPU for NCCL, the CPU for gloo."""
-    import torch
     return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
@@ -224,8 +248,6 @@ def init(timeout_s: Optional[float] = None) -> Dist:
     """Set up torch.distributed through DeepSpeed with an explicit collective timeout (`collective_timeout_s`);
     idempotent. Returns the `Dist` in force."""
     global _current
-    import torch
-    import torch.distributed as tdist
     if _current is not None and tdist.is_initialized():
         return _current
     d = detect()
@@ -248,7 +270,6 @@ def time_out_every_group(timeout_s: Optional[float] = None) -> int:
     """Give every process group the collective timeout; returns how many. torch gives a group made with
     `new_group` its backend's default (30 min for gloo), not the world's, and DeepSpeed makes its own (ZeRO's
     data-parallel group is a clone of the world): call this after `deepspeed.initialize`."""
-    from torch.distributed import distributed_c10d as c10d
     groups = list(c10d._world.pg_map)
     for group in groups:
         c10d._set_pg_timeout(timedelta(seconds=collective_timeout_s(timeout_s)), group)
@@ -262,7 +283,6 @@ def shutdown() -> None:
     and the rank dies with "terminate called without an active exception" (SIGABRT, about 1 exit in 7 here).
     Sleeping releases the GIL so that they go first."""
     global _current
-    import torch.distributed as tdist
     if tdist.is_initialized():
         time.sleep(0.25)
         tdist.destroy_process_group()

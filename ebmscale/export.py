@@ -7,70 +7,27 @@ OUT_DIR holds
   README.md          a model card: architecture, data, steps, recipe, evaluation figures, a sample grid
   samples.png        the run's newest negatives grid, when it has one
 
-Loading (`EnergyModel.from_pretrained(OUT_DIR)`, `ebmscale.load_model(OUT_DIR)`) needs torch, safetensors and
-omegaconf only: no DeepSpeed, no ebmscale run folder, no pickle. Exporting reads the run with eval.loading (which
-may need DeepSpeed for ZeRO checkpoints).
+Loading (`EnergyModel.from_pretrained(OUT_DIR)`, `ebmscale.load_model(OUT_DIR)`; models/pretrained.py) needs torch,
+safetensors and omegaconf only: no DeepSpeed, no ebmscale run folder, no pickle. Exporting reads the run with
+eval.loading (which may need DeepSpeed for ZeRO checkpoints); the names loaders used from here stay importable.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
 
-WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
+import ebmscale
+from ebmscale.eval.loading import load_energy_model, load_exported, load_model, resolve_checkpoint  # noqa: F401
+from ebmscale.models import count_parameters
+from ebmscale.models.pretrained import CARD, CONFIG, WEIGHTS, is_exported, load_pretrained, read_config  # noqa: F401
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def is_exported(path: str | Path) -> bool:
-    return (Path(path) / WEIGHTS).is_file() and (Path(path) / CONFIG).is_file()
-
-
-def read_config(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / CONFIG).read_text())
-
-
-def load_pretrained(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """The model of an exported folder, in eval mode, built from config.json's model section."""
-    from omegaconf import OmegaConf
-    from safetensors.torch import load_file
-
-    from ebmscale.config import ModelConfig
-    from ebmscale.models import build_model
-    folder = Path(folder)
-    if not is_exported(folder):
-        raise FileNotFoundError(f"{folder} is not an exported model (needs {WEIGHTS} and {CONFIG}; make one with "
-                                f"`ebmscale export RUN {folder}`)")
-    model = build_model(OmegaConf.merge(OmegaConf.structured(ModelConfig), read_config(folder)["model"]))
-    state = load_file(str(folder / WEIGHTS))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"{folder / WEIGHTS} does not fit the model of {folder / CONFIG}: missing {missing}, "
-                           f"unexpected {unexpected}")
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def load_exported(folder: str | Path, device: str | torch.device = "cpu"):
-    """(model, a full config with the exported sections, step), the shape eval.loading.load_energy_model returns."""
-    from omegaconf import OmegaConf
-
-    from ebmscale.config import Config
-    meta = read_config(folder)
-    known = {f for f in Config.__dataclass_fields__}
-    sections = {k: v for k, v in meta.items() if k in known}
-    sections.setdefault("train", {})["precision"] = meta.get("ebmscale", {}).get("precision", "fp32")
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), sections)
-    return load_pretrained(folder, device), cfg, int(meta.get("ebmscale", {}).get("step", 0))
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """An energy model in eval mode from an exported folder (torch + safetensors), or from a run folder or
-    checkpoint folder (through eval.loading, which may need DeepSpeed)."""
-    if is_exported(path):
-        return load_pretrained(path, device)
-    from ebmscale.eval.loading import load_energy_model
-    return load_energy_model(path, device)[0]
 
 
 def _eval_results(run: Path) -> list[dict]:
@@ -123,12 +80,6 @@ def _card(cfg, meta: dict, evals: list[dict], n_params: int, grid: bool) -> str:
 
 def export(src: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
     """Write OUT_DIR from a run folder (its newest healthy committed checkpoint) or a checkpoint folder."""
-    from omegaconf import OmegaConf
-    from safetensors.torch import save_file
-
-    import ebmscale
-    from ebmscale.eval.loading import load_energy_model, resolve_checkpoint
-    from ebmscale.models import count_parameters
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype}: allowed {', '.join(DTYPES)}")
     run, _ = resolve_checkpoint(src)
@@ -155,7 +106,6 @@ def export(src: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
 
 
 def main(argv=None) -> int:
-    import argparse
     p = argparse.ArgumentParser(prog="ebmscale export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run folder (newest healthy committed checkpoint) or a checkpoint folder")

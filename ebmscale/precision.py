@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from ebmscale.config import PRECISIONS
 
@@ -139,7 +140,6 @@ def resolve_here(requested: str, device: Optional[str] = None, checkpoint: Optio
 
 def resolve_everywhere(requested: str, device: Optional[str] = None, checkpoint: Optional[str] = None) -> Resolution:
     """Rank 0 resolves, every rank receives the same answer (a broadcast when a process group is up)."""
-    import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
         return resolve_here(requested, device, checkpoint)
     box = [resolve_here(requested, device, checkpoint) if dist.get_rank() == 0 else None]

@@ -11,6 +11,8 @@ import re
 import sys
 from typing import Optional, TextIO
 
+from tqdm import tqdm
+
 PREFIX = "[ebmscale] progress"
 LINE = re.compile(r"\[ebmscale\] progress step (\d+)/(\d+) \(\d+%\) (.*)")
 
@@ -48,7 +50,6 @@ class Console:
             return
         step, total, rest = int(m[1]), int(m[2]), m[3]
         if self.bar is None:
-            from tqdm import tqdm
             self.bar = tqdm(total=total, file=self.stream, dynamic_ncols=True, desc="train",
                             bar_format="{desc} {percentage:3.0f}%|{bar}| {n}/{total} {postfix}")
         self.bar.n = step

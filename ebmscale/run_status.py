@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ebmscale.train import heartbeat, runlock
 from ebmscale.train.checkpoint import latest, list_checkpoints, step_of
+from ebmscale.config import from_yaml_file
 
 
 def _tail(path: Path, n: int) -> list[str]:
@@ -29,7 +30,6 @@ def run_status(run: str | Path, log_lines: int = 10) -> dict:
     logs = sorted((run / "logs").rglob("*.out"), key=lambda p: p.stat().st_mtime) + \
         sorted((run / "logs").rglob("*.log"), key=lambda p: p.stat().st_mtime) if (run / "logs").exists() else []
     final = (run / "FINAL").read_text().strip() if (run / "FINAL").exists() else None
-    from ebmscale.config import from_yaml_file
     total = int(from_yaml_file(run / "config.yaml").train.steps)
     uri = tracking.get("tracking_uri")
     resolved = json.loads((run / "precision.json").read_text()) if (run / "precision.json").exists() else {}

@@ -165,10 +165,10 @@ def test_a_live_writer_refuses_a_second_one_a_dead_one_is_taken_over(tmp_path, m
     assert not (tmp_path / runlock.LOCK).exists()  # released at exit
     other = {"job_id": "4242", "host": "node-x", "pid": 1, "start": "then"}  # another host's job
     (tmp_path / runlock.LOCK).write_text(json.dumps(other))
-    monkeypatch.setattr("ebmscale.launch.checks.slurm_state", lambda job: "RUNNING")
+    monkeypatch.setattr("ebmscale.distributed.slurm_state", lambda job: "RUNNING")
     with pytest.raises(runlock.RunFolderInUse, match="SLURM job 4242 on host node-x, pid 1"):
         runlock.acquire(tmp_path)
-    monkeypatch.setattr("ebmscale.launch.checks.slurm_state", lambda job: "CANCELLED by 0")
+    monkeypatch.setattr("ebmscale.distributed.slurm_state", lambda job: "CANCELLED by 0")
     assert runlock.check(tmp_path) is None
 
 

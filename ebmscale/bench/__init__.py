@@ -2,19 +2,21 @@
 
 Shared by the speed benchmarks: the plain PyTorch loop they are measured against, interleaved timing (every
 candidate once per round, so that load from other processes on a shared machine hits all of them alike), the
-GEMM peak of the same run, and a Trainer built as ebmscale/train/main.py builds it, minus data, tracking and
-checkpoints.
+GEMM peak of the same run. A Trainer built as ebmscale/train/main.py builds it, minus data, tracking and
+checkpoints, is bench/_trainer.py (it imports DeepSpeed; the other benchmarks do not need to).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
+
+from ebmscale.precision import detect_hardware
 
 # nominal dense bf16 peaks (FLOP/s) for MFU on a GPU, by the words of torch.cuda.get_device_name (most specific
 # first); CPUs are judged against the GEMM peak measured in the run
@@ -29,8 +31,7 @@ def positive(text: str) -> int:
     """argparse type for counts that must be at least 1 (batch, steps, rounds, ...)."""
     value = int(text)
     if value < 1:
-        import argparse
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+            raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
@@ -61,7 +62,6 @@ def nominal_peak(dev: torch.device, name: Optional[str] = None) -> Optional[floa
 
 def hardware_line(dev: torch.device) -> str:
     """What a figure was measured on: the device, the CPU's ISA and whether bf16 is native (ebmscale/precision.py)."""
-    from ebmscale.precision import detect_hardware
     return f"measured on {detect_hardware(dev.type).describe()}, {torch.get_num_threads()} thread(s)"
 
 
@@ -119,35 +119,6 @@ def plain_frozen(model: torch.nn.Module):
         for p in model.parameters():
             p.requires_grad_(True)
         model.train()
-
-
-def build_trainer(config: str, overrides: List[str], run_dir: str | Path):
-    """A Trainer over a real DeepSpeed engine (this process's rank: 1 process, or one torchrun rank), built as
-    ebmscale/train/main.py builds it; no data stream, tracker or checkpointer (the benchmark feeds batches)."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from ebmscale import distributed
-    from ebmscale.buffer import build_buffer
-    from ebmscale.config import load_config
-    from ebmscale.precision import resolve_everywhere
-    from ebmscale.train.ds_config import build_ds_config
-    from ebmscale.train.main import build_engine
-    from ebmscale.train.trainer import Trainer
-
-    d = distributed.init()
-    cfg = load_config(config, ["tracking.enabled=false", *overrides])
-    cfg.train.precision = resolve_everywhere(cfg.train.precision, device().type).precision
-    engine = build_engine(cfg, d.rank, build_ds_config(cfg, d.world_size))
-    return Trainer(cfg, engine, build_buffer(cfg, engine.device), None, None, None, d.rank, d.world_size,
-                   Path(run_dir))
-
-
-def trainer_step(trainer, x_pos: torch.Tensor, y_pos: torch.Tensor) -> dict:
-    """One training step as Trainer.fit runs it: sampling + forward/backward, then the optimizer step (the guard's
-    verdict in between, one all-reduce of a few scalars, is left out)."""
-    out = trainer.train_step(x_pos, y_pos)
-    trainer.update(out, skip=False)
-    return out
 
 
 def write_json(path: str | Path, result: dict) -> None:

@@ -1,4 +1,4 @@
-"""Weak scaling on CPU: the real training step (bench/__init__.py: build_trainer, trainer_step) on 1 rank and on
+"""Weak scaling on CPU: the real training step (bench/_trainer.py: build_trainer, trainer_step) on 1 rank and on
 2 ranks (torchrun, gloo, DeepSpeed ZeRO-2), the same per-rank batch, 1 thread per rank.
 Efficiency = step time on 1 rank / step time on 2 ranks (1.0: twice the images per second). Launches of 1 and 2
 ranks alternate, so that load from other processes hits both alike.
@@ -18,8 +18,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ebmscale.bench import positive, write_json
+from ebmscale.bench._trainer import build_trainer, trainer_step
+from ebmscale.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,9 +39,6 @@ def add_args(p) -> None:
 def worker(a) -> None:
     """One rank of a launch: time each step; rank 0 writes every rank's times."""
     torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    from ebmscale.bench import build_trainer, trainer_step
     trainer = build_trainer(a.config, a.override, tempfile.mkdtemp(prefix="ebm-bench-"))
     m, b = trainer.cfg.model, trainer.cfg.data.batch_size
     x = torch.rand(b, m.in_channels, m.resolution, m.resolution, device=trainer.device)
@@ -102,7 +102,6 @@ def run(a) -> dict:
 
 
 def _batch(a) -> int:
-    from ebmscale.config import load_config
     return load_config(a.config, a.override).data.batch_size
 
 

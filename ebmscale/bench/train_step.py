@@ -2,7 +2,7 @@
 the plain PyTorch loop, per architecture; every row once per round, rounds interleaved.
 
 ebmscale  Trainer.train_step + Trainer.update over a DeepSpeed engine built in this process (world size 1, ZeRO-2,
-          the config's precision resolved on this hardware: bf16 where native, else fp32), as ebmscale/train/main.py builds it (bench/__init__.py: build_trainer)
+          the config's precision resolved on this hardware: bf16 where native, else fp32), as ebmscale/train/main.py builds it (bench/_trainer.py: build_trainer)
 plain     the seed's script: fp32 model, plain_langevin (bench/__init__.py), the same replay buffer, CD loss,
           torch Adam; and the same under bf16 autocast
 Data is a batch drawn from an in-memory pool (what the loader costs: tools/bench.py data). The split: sampling
@@ -21,8 +21,8 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ebmscale.bench import (build_trainer, device, hardware_line, plain_frozen, plain_langevin, set_threads, sync,
-                            trainer_step, positive, write_json)
+from ebmscale.bench import device, hardware_line, plain_frozen, plain_langevin, positive, set_threads, sync, write_json
+from ebmscale.bench._trainer import build_trainer, trainer_step
 from ebmscale.buffer import build_buffer
 from ebmscale.config import load_config
 from ebmscale.models import build_model

@@ -6,6 +6,7 @@ import pkgutil
 import sys
 
 import ebmscale.bench
+from ebmscale.config import ConfigError
 
 
 SUMMARY = {
@@ -20,7 +21,8 @@ SUMMARY = {
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    names = sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(ebmscale.bench.__path__))  # train-step
+    names = sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(ebmscale.bench.__path__)  # train-step
+                   if not m.name.startswith("_"))  # _trainer: shared code, not a benchmark
     asked = argv[:1] in (["-h"], ["--help"])
     if asked or not argv or argv[0].replace("_", "-") not in names:
         listing = "\n".join(f"  {n:<11} {SUMMARY.get(n, '')}" for n in names)
@@ -35,7 +37,6 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     if hasattr(module, "add_args"):
         module.add_args(parser)
-    from ebmscale.config import ConfigError
     try:
         module.run(parser.parse_args(argv[1:]))
         return 0

@@ -23,6 +23,16 @@ import torch
 from ebmscale.config import from_yaml_file
 from ebmscale.eval.report import Report
 from ebmscale.tracking.pictures import image_grid
+from ebmscale.eval.classifier import digits_as_shards, load_classifier, predict, save_classifier, train_classifier
+from ebmscale.eval.data import read_images
+from ebmscale.eval.fid import feature_net, fid_and_is, reference_stats
+from ebmscale.eval.loading import cast_for_sampling, load_ensemble, sampling_precision
+from ebmscale.eval.ood import aurocs, energy_scores, histograms, roc_curves, synthetic
+from ebmscale.eval.paper import (PAPER, RELEASE_SAMPLING, markdown_table, release_denoise, release_inpaint,
+                                 release_samples)
+from ebmscale.eval.restore import denoise, inpaint
+from ebmscale.export import is_exported
+from ebmscale.train.checkpoint import trust_pickles
 
 
 def load_samples(path: str, run: str | None):
@@ -52,7 +62,6 @@ def device_of(a) -> str:
 
 
 def cmd_digits_classifier(a) -> dict:
-    from ebmscale.eval.classifier import digits_as_shards, save_classifier, train_classifier
     x, y = digits_as_shards()
     model, acc = train_classifier(x, y, a.epochs, a.seed)
     save_classifier(model, a.out, held_out_accuracy=acc, data="sklearn digits 16x16 as tools/make_shards.py")
@@ -61,7 +70,6 @@ def cmd_digits_classifier(a) -> dict:
 
 
 def cmd_fid(a, with_fid: bool = True) -> dict:
-    from ebmscale.eval.fid import feature_net, fid_and_is, reference_stats
     x, _, run, step = load_samples(a.samples, a.run)
     try:
         net = feature_net(a.inception, a.classifier, device_of(a))
@@ -80,7 +88,6 @@ def cmd_fid(a, with_fid: bool = True) -> dict:
 
 
 def cmd_accuracy(a) -> dict:
-    from ebmscale.eval.classifier import load_classifier, predict
     x, y, run, step = load_samples(a.samples, a.run)
     pred = predict(load_classifier(a.classifier, device_of(a)), as_float(x))
     per_class = {int(c): float((pred[y == c] == c).mean()) for c in np.unique(y)}
@@ -91,16 +98,12 @@ def cmd_accuracy(a) -> dict:
 
 
 def load_models(a):
-    from ebmscale.eval.loading import cast_for_sampling, load_ensemble, sampling_precision
-    from ebmscale.export import is_exported
     models, cfg, ckpt, step = load_ensemble(a.run, a.ensemble, device_of(a))
     cast_for_sampling(models, sampling_precision(a.precision, cfg.train.precision, device_of(a)))
     return models, cfg, Path(ckpt) if is_exported(ckpt) else Path(ckpt).parent.parent, step
 
 
 def cmd_ood(a) -> dict:
-    from ebmscale.eval.data import read_images
-    from ebmscale.eval.ood import aurocs, energy_scores, histograms, roc_curves, synthetic
     models, cfg, run, step = load_models(a)
     m = cfg.model
     spec, allow_pipe = run_shards(run, a.shards)
@@ -124,8 +127,6 @@ def cmd_ood(a) -> dict:
 
 
 def cmd_restore(a) -> dict:
-    from ebmscale.eval.data import read_images
-    from ebmscale.eval.restore import denoise, inpaint
     models, cfg, run, step = load_models(a)
     m, s = cfg.model, cfg.sampler
     spec, allow_pipe = run_shards(run, a.shards)
@@ -147,11 +148,6 @@ def cmd_restore(a) -> dict:
 def cmd_paper(a) -> dict:
     """IS/FID by the release's sampling, OOD AUROC on the held-out split, inpainting and denoising (MSE, PSNR) on
     training and held-out images; one JSON (RUN/eval/paper_step<step>.json) and a Markdown table beside it."""
-    from ebmscale.eval.data import read_images
-    from ebmscale.eval.fid import feature_net, fid_and_is, reference_stats
-    from ebmscale.eval.ood import aurocs, energy_scores, synthetic
-    from ebmscale.eval.paper import PAPER, RELEASE_SAMPLING, markdown_table, release_denoise, release_inpaint, \
-        release_samples
     models, cfg, run, step = load_models(a)
     m, s = cfg.model, cfg.sampler
     train_spec, allow_pipe = run_shards(run, a.train_shards)
@@ -281,7 +277,6 @@ def main(argv=None) -> int:
     c.add_argument("--noise", type=float, help="Langevin noise (default: training's)")
     c.add_argument("--grad-clip", type=float, help="default: training's; 0 = none")
     a = p.parse_args(argv)
-    from ebmscale.train.checkpoint import trust_pickles
     trust_pickles(a.trust_pickles)
     out = {"digits-classifier": cmd_digits_classifier, "fid": cmd_fid, "is": lambda a: cmd_fid(a, with_fid=False),
      "accuracy": cmd_accuracy, "ood": cmd_ood, "restore": cmd_restore, "paper": cmd_paper}[a.cmd](a)

@@ -20,6 +20,8 @@ from ebmscale.eval.loading import (cast_for_sampling, load_buffer, load_energy_m
                                    sampling_precision)
 from ebmscale.eval.sample import sample_rounds
 from ebmscale.tracking.pictures import image_grid
+from ebmscale.export import is_exported
+from ebmscale.train.checkpoint import trust_pickles
 
 
 def rank_world() -> tuple[int, int]:
@@ -100,7 +102,6 @@ def main(argv=None) -> int:
                    help="load checkpoint files that hold more than tensors (they could run code): only ones you trust")
     p.add_argument("--out", required=True, help="output .npz (images N x C x H x W float32 in [0,1], labels)")
     a = p.parse_args(argv)
-    from ebmscale.train.checkpoint import trust_pickles
     trust_pickles(a.trust_pickles)
 
     rank, world = rank_world()
@@ -137,7 +138,6 @@ def main(argv=None) -> int:
     settings = {k: v for k, v in vars(a).items() if k not in ("out", "merge_timeout")}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from ebmscale.export import is_exported
     meta = dict(step=step, run=str((Path(ckpt) if is_exported(ckpt) else Path(ckpt).parent.parent).resolve()), checkpoint=str(Path(ckpt).resolve()),
                 settings=json.dumps({**settings, "precision": precision, "steps": steps, "noise": noise, "grad_clip": clip, "world": world}))
     if world > 1:

@@ -34,6 +34,7 @@ from webdataset.filters import _shuffle
 from ebmscale.config import ConfigError
 from ebmscale.data.images import decode, open_for, to_mode
 from ebmscale.data.shards import count_samples, resolve, tar_samples
+from ebmscale.data.writer import sha256_of
 
 log = logging.getLogger("ebmscale.data")
 FORKSERVER_PRELOAD = ("ebmscale.data.stream",)  # what loader workers import before forking
@@ -279,7 +280,6 @@ def verify_shards(shards, rank: int, world_size: int) -> None:
     """data.verify: this rank's share of the local shards against their manifest's sha256 (ConfigError naming them)."""
     import os
     import posixpath
-    from ebmscale.data.writer import sha256_of
     bad = []
     for s in shards[rank::world_size]:
         want = {e["name"]: e.get("sha256") for e in (s.manifest or {}).get("shards", [])}.get(posixpath.basename(s.url))

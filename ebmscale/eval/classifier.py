@@ -13,6 +13,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ebmscale.data.sources import digits
+from ebmscale.data.writer import encode
+
 
 class Classifier(nn.Module):
     def __init__(self, in_channels: int = 1, resolution: int = 16, num_classes: int = 10, width: int = 32,
@@ -35,8 +38,6 @@ class Classifier(nn.Module):
 
 def digits_as_shards(size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """All 1,797 digits as the shard writer stores them: (x float32 [N, 1, size, size] in [0, 1], labels)."""
-    from ebmscale.data.sources import digits
-    from ebmscale.data.writer import encode
     items = digits().items
     x = [np.asarray(Image.open(io.BytesIO(encode(it, size, 1, "png", 95)[0]))) for it in items]
     return np.stack(x)[:, None].astype(np.float32) / 255, np.asarray([y for _, y in items], np.int64)

@@ -14,6 +14,7 @@ from torch import nn
 from ebmscale.data.shards import is_local, list_shards
 from ebmscale.eval.data import iter_images
 from ebmscale.eval.metrics import frechet_distance, gaussian_stats, inception_score
+from ebmscale.eval.classifier import load_classifier
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
@@ -46,7 +47,6 @@ def feature_net(inception: str | None = None, classifier: str | None = None,
                 device: str | torch.device = "cpu") -> nn.Module:
     """`--inception WEIGHTS` (the paper's numbers) or `--classifier C.pt` (e.g. the digits CNN)."""
     if classifier:
-        from ebmscale.eval.classifier import load_classifier
         return load_classifier(classifier, device)
     if inception:
         return Inception(inception).to(device).eval()

@@ -1,4 +1,5 @@
-"""Load a trained energy model (and its replay buffer) from a run folder, without DeepSpeed's engine.
+"""Load a trained energy model (and its replay buffer) from a run folder, a checkpoint folder or an exported folder,
+without DeepSpeed's engine: the one loader that eval/, the commands and export.py share.
 
 Every file is read through checkpoint.load / safe_torch_load: tensors and plain data only, unless the user passed
 --trust-pickles (checkpoint.trust_pickles(True)): a colleague's or a downloaded run folder cannot run code."""
@@ -8,10 +9,13 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from omegaconf import OmegaConf
 
-from ebmscale.config import from_yaml_file
+from ebmscale.config import Config, from_yaml_file
 from ebmscale.log import get_logger
 from ebmscale.models import build_model, set_dropout
+from ebmscale.models.pretrained import is_exported, load_pretrained, read_config
+from ebmscale.precision import compute_dtype, resolve_here
 from ebmscale.train.checkpoint import Checkpointer, committed, healthy_checkpoints, latest, load, safe_torch_load
 
 log = get_logger(__name__)
@@ -41,10 +45,27 @@ def fp32_state_dict(ckpt: Path, zero_stage: int) -> dict:
     return {k: v.float() for k, v in sd.items()}
 
 
+def load_exported(folder: str | Path, device: str | torch.device = "cpu"):
+    """(model, a full config with the exported sections, step), the shape load_energy_model returns."""
+    meta = read_config(folder)
+    known = {f for f in Config.__dataclass_fields__}
+    sections = {k: v for k, v in meta.items() if k in known}
+    sections.setdefault("train", {})["precision"] = meta.get("ebmscale", {}).get("precision", "fp32")
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), sections)
+    return load_pretrained(folder, device), cfg, int(meta.get("ebmscale", {}).get("step", 0))
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """An energy model in eval mode from an exported folder (torch + safetensors), or from a run folder or
+    checkpoint folder (which may need DeepSpeed for ZeRO checkpoints)."""
+    if is_exported(path):
+        return load_pretrained(path, device)
+    return load_energy_model(path, device)[0]
+
+
 def load_energy_model(path: str | Path, device: str | torch.device = "cpu"):
     """Returns (model in eval mode, fp32, on device; config; checkpoint folder; step). `path` may also be a folder
     written by `ebmscale export` (its config has the exported sections, the rest schema defaults)."""
-    from ebmscale.export import is_exported, load_exported
     if is_exported(path):
         model, cfg, step = load_exported(path, device)
         return model, cfg, Path(path), step
@@ -70,7 +91,6 @@ def load_ensemble(path: str | Path, k: int = 1, device: str | torch.device = "cp
     model, cfg, ckpt, step = load_energy_model(path, device)
     if k == 1:
         return [model], cfg, ckpt, step
-    from ebmscale.export import is_exported
     if is_exported(path):
         raise ValueError(f"--ensemble {k}: {path} is an exported model (one checkpoint); pass a run folder")
     run = resolve_checkpoint(path)[0]
@@ -83,7 +103,6 @@ def load_ensemble(path: str | Path, k: int = 1, device: str | torch.device = "cp
 
 def sampling_precision(requested: str, run_precision: str, device: str) -> str:
     """--precision: auto = what this hardware runs natively (ebmscale/precision.py), train = the run's own."""
-    from ebmscale.precision import resolve_here
     chosen = run_precision if requested == "train" else requested
     return resolve_here(chosen, torch.device(device).type).precision if chosen == "auto" else chosen
 
@@ -91,7 +110,6 @@ def sampling_precision(requested: str, run_precision: str, device: str) -> str:
 def cast_for_sampling(models: list, precision: str) -> torch.dtype:
     """Cast models in place for sampling and scoring: fp32, or bf16 / fp16 compute (chains stay fp32, as in
     training; `eval.sample.composed_energy` casts each model's input)."""
-    from ebmscale.precision import compute_dtype
     dtype = compute_dtype(precision)
     for m in models:
         m.to(dtype)

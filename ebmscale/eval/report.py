@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from PIL import Image
 
 from ebmscale.log import get_logger
 
@@ -42,7 +43,6 @@ class Report:
                "metrics": self.metrics, **self.info}
         self.json_path.parent.mkdir(parents=True, exist_ok=True)
         self.json_path.write_text(json.dumps(out, indent=1, default=str) + "\n")
-        from PIL import Image
         for key, im in self.images.items():
             Image.fromarray(im).save(self.json_path.with_name(f"{self.json_path.stem}_{key.replace('/', '_')}.png"))
         out["json"], out["mlflow_run_id"] = str(self.json_path), self._log_mlflow()

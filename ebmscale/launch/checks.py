@@ -12,13 +12,15 @@ import uuid
 from pathlib import Path
 from typing import List, Optional
 
+import torch
 from omegaconf import DictConfig
 
-from ebmscale.config import ConfigError
-
-FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "GONE")
-
+from ebmscale import models  # models.build_model looked up at call time: tests replace it
+from ebmscale.config import ConfigError, run_dir
+from ebmscale.data import check_shards
+from ebmscale.distributed import FINAL_STATES, slurm_state, usable_cpus  # noqa: F401 (re-exported)
+from ebmscale.precision import resolve_here
+from ebmscale.train import runlock
 
 def tasks_per_node(lc) -> int:
     """One task per GPU; on CPU-only nodes launcher.tasks_per_node."""
@@ -41,7 +43,6 @@ def check_launcher(cfg: DictConfig, mode: str, nproc: int) -> List[str]:
         if lc.nodes > 1:
             raise ConfigError(f"launcher.nodes={lc.nodes}: --local runs on this machine only; drop --nodes "
                               f"or launch on SLURM")
-        from ebmscale.distributed import usable_cpus
         cpus = usable_cpus()
         if nproc > cpus:
             notes.append(f"note: {nproc} processes on {cpus} CPU cores (oversubscribed; slow but works)")
@@ -61,7 +62,6 @@ def check_precision(cfg: DictConfig, mode: str, ngpu: int) -> str:
     nodes' hardware decides, so say how."""
     requested = cfg.train.precision
     if mode == "local":
-        from ebmscale.precision import resolve_here
         res = resolve_here(requested, "cuda" if ngpu else "cpu")
         text = f"precision: {res.precision} (train.precision={requested}: {res.reason})"
         return text + (f"\n  WARNING: {res.warning}" if res.warning else "")
@@ -92,18 +92,13 @@ def check_sizes(cfg: DictConfig, world: int) -> List[str]:
 
 def check_model(cfg: DictConfig) -> str:
     try:
-        import torch
-        from ebmscale.models import build_model
-    except ImportError as e:  # pragma: no cover - a broken install, not a config error
-        return f"note: model not checked ({e})"
-    try:
         with torch.device("meta"):
-            model = build_model(cfg.model)
+            model = models.build_model(cfg.model)
     except ConfigError:
         raise
     except Exception:
         try:  # some layers cannot initialise on the meta device; a small CPU build tells the truth
-            model = build_model(cfg.model)
+            model = models.build_model(cfg.model)
         except ConfigError:
             raise
         except Exception as e:
@@ -114,13 +109,6 @@ def check_model(cfg: DictConfig) -> str:
 
 
 def check_data(cfg: DictConfig) -> str:
-    try:
-        from ebmscale.data import check_shards
-    except ImportError:
-        try:
-            from ebmscale.data.shards import check_shards
-        except ImportError as e:  # pragma: no cover
-            return f"note: data shards not checked ({e})"
     urls = check_shards(cfg.data)  # raises ConfigError naming data.shards and the fix
     return f"data: {len(urls)} shard(s) from {cfg.data.shards}"
 
@@ -146,26 +134,6 @@ def check_run_dir(out: Path, create: bool = True) -> str:
     return f"run folder: {out}"
 
 
-def slurm_state(job_id: str) -> str:
-    """The job's state from sacct (through requeues), else squeue; GONE when neither knows it."""
-    if shutil.which("sacct"):
-        try:
-            res = subprocess.run(["sacct", "-n", "-P", "-X", "-j", str(job_id), "-o", "State"],
-                                 capture_output=True, text=True, timeout=60)
-            lines = [x.strip() for x in res.stdout.splitlines() if x.strip()]
-            if res.returncode == 0 and lines:
-                return lines[-1].split()[0]
-        except (OSError, subprocess.SubprocessError):
-            pass
-    try:
-        res = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
-                             timeout=60)
-        state = res.stdout.strip()
-        return state.split()[0] if state else "GONE"
-    except (OSError, subprocess.SubprocessError):
-        return "UNKNOWN"
-
-
 def job_alive(info: dict) -> Optional[str]:
     """The state of the job a run folder's launch.json names, if it is still queued or running."""
     if info.get("executor") == "slurm" and info.get("job_id"):
@@ -185,7 +153,6 @@ def job_alive(info: dict) -> Optional[str]:
 
 
 def check_not_in_use(out: Path) -> None:
-    from ebmscale.train import runlock
     holder = runlock.check(out)
     if holder:
         raise ConfigError(f"run.dir: {out} is being written by {runlock.describe(holder)} ({out / runlock.LOCK}); "
@@ -263,7 +230,6 @@ def gres_gpus(gres: str) -> int:
 def preflight(cfg: DictConfig, mode: str, nproc: int, world: int, skip=(), dry_run: bool = False,
               ngpu: int = 0) -> List[str]:
     """All login-node checks; returns notes to print, raises ConfigError on the first problem."""
-    from ebmscale.config import run_dir
     notes: List[str] = []
     notes += check_launcher(cfg, mode, nproc)
     notes.append(check_precision(cfg, mode, cfg.launcher.gpus_per_node if mode == "slurm" else ngpu))

@@ -1,4 +1,4 @@
-"""Command lines: `tools/launch.py` (launch_main) and `python -m ebmscale.train.main` (train_main).
+"""Command line of `tools/launch.py` (launch_main); `python -m ebmscale.train.main`'s (train_main) is train/entry.py.
 
     python tools/launch.py [--nodes N] [--gpus-per-node G] [--nproc N] [--partition P] [--time MIN]
                            [--account A] [--profile NAME] [--local] [--dry-run] [--wait] CONFIG [key=value ...]
@@ -10,13 +10,18 @@ silently and the others gave up waiting for it (the message names it); 130 inter
 from __future__ import annotations
 
 import argparse
-import signal
+import shutil
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
-EXIT_CONFIG = 2
-EXIT_STOPPED = 3
+from omegaconf import OmegaConf
+
+from ebmscale.config import ConfigError, run_dir, to_yaml
+from ebmscale.launch import checks, submit
+from ebmscale.launch.resolve import resolve_config
+from ebmscale.tracking import default_uri
+from ebmscale.train.entry import EXIT_CONFIG, EXIT_STOPPED, parse_train_args, train_main  # noqa: F401 (their old home)
 
 DESCRIPTION = """\
 Launch an ebmscale training run: on SLURM through submitit (when sbatch is on PATH), or with
@@ -60,12 +65,7 @@ def _print_notes(notes: Sequence[str]) -> None:
 
 
 def launch_main(argv: Optional[Sequence[str]] = None) -> int:
-    import shutil
-
     args = build_parser().parse_args(argv)
-    from ebmscale.config import ConfigError, run_dir, to_yaml
-    from ebmscale.launch import checks, submit
-    from ebmscale.launch.resolve import resolve_config
 
     mode = "local" if args.local else "slurm"
     if mode == "slurm" and not args.dry_run and not shutil.which("sbatch"):
@@ -77,7 +77,6 @@ def launch_main(argv: Optional[Sequence[str]] = None) -> int:
         if mode == "local":
             flags["nproc"] = None  # --local's --nproc is a process count, not a launcher key
         cfg = resolve_config(args.config, args.overrides, flags, args.profile)
-        from omegaconf import OmegaConf
         OmegaConf.resolve(cfg)
         cfg.run.dir = str(run_dir(cfg).resolve())  # fixed in the pickle: requeued jobs find their folder
         if mode == "local":
@@ -121,7 +120,6 @@ def launch_main(argv: Optional[Sequence[str]] = None) -> int:
     lc = cfg.launcher
     jid = job.job_id
     folder = submit.submitit_folder(out)
-    from ebmscale.tracking import default_uri
     uri = cfg.tracking.uri or default_uri(out)
     print(f"submitted SLURM job {jid}: {lc.nodes} node(s) x {nproc} task(s)"
           f"{' x 1 GPU' if lc.gpus_per_node else ''}, {lc.time_min} min"
@@ -138,38 +136,6 @@ def launch_main(argv: Optional[Sequence[str]] = None) -> int:
     if args.wait:
         return submit.wait_slurm(jid, lc.nodes * nproc, out, follow=not args.quiet)
     return 0
-
-
-# ---- python -m ebmscale.train.main CONFIG [key=value ...] ---------------------------------------
-def parse_train_args(argv: Sequence[str]) -> Tuple[str, List[str]]:
-    p = argparse.ArgumentParser(prog="python -m ebmscale.train.main",
-                                description="Train in this process (under srun, torchrun or alone); "
-                                            "exit 0 completed, 3 stopped with a checkpoint, 2 config error.")
-    p.add_argument("config", metavar="CONFIG")
-    p.add_argument("overrides", metavar="key=value", nargs="*")
-    a = p.parse_args(list(argv))
-    return a.config, list(a.overrides)
-
-
-def train_main(argv: Optional[Sequence[str]] = None, entry=None) -> int:
-    """What `python -m ebmscale.train.main` can delegate to: parse, validate, stop handlers on
-    SIGUSR1, SIGUSR2 and SIGTERM (sbatch --signal / scancel / preemption), train, exit code."""
-    from ebmscale.config import ConfigError, load_config
-    from ebmscale.train import stop
-
-    config, overrides = parse_train_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = load_config(config, overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    stop.install_handlers((signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM))
-    from ebmscale.launch.job import shield_helper_processes
-    shield_helper_processes(forkserver=cfg.data.workers > 0)
-    if entry is None:
-        from ebmscale.train.main import main as entry
-    outcome = entry(cfg)
-    return 0 if stop.Outcome(getattr(outcome, "value", outcome)) == stop.Outcome.COMPLETED else EXIT_STOPPED
 
 
 if __name__ == "__main__":

@@ -35,40 +35,14 @@ from typing import Any, Callable, Dict, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from ebmscale import distributed
+from ebmscale.config import Config, validate
 from ebmscale.log import get_logger, setup as setup_logging
+from ebmscale.train import stop
+from ebmscale.train.entry import SHIELDED, shield_helper_processes  # noqa: F401 (SHIELDED: its old home)
 
 log = get_logger(__name__)
 LOG_NAME = "launcher.log"
-
-
-SHIELDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)  # SIGINT: a terminal's Ctrl-C
-
-
-def shield_helper_processes(forkserver: bool = True) -> None:
-    """Keep helper processes alive through the stop signals.
-
-    SLURM sends `--signal` (and `scancel --signal`, and the SIGTERM of a requeue) to EVERY process of
-    the step, not just the task: data-loader workers started from a forkserver and multiprocessing's
-    resource tracker are fresh interpreters with default handlers, so SIGUSR2 kills them, and the
-    DataLoader then raises "worker exited unexpectedly" in the middle of a step instead of letting the
-    trainer checkpoint. Start the resource tracker and the forkserver now with those signals blocked:
-    the mask survives fork and exec, so they and every worker forked from the forkserver ignore them
-    (workers still exit through the DataLoader's own shutdown, or when their parent dies)."""
-    from multiprocessing import resource_tracker
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, set(SHIELDED))
-    try:
-        resource_tracker.ensure_running()  # note: it unblocks SIGINT/SIGTERM again on its way out
-        signal.pthread_sigmask(signal.SIG_BLOCK, set(SHIELDED))
-        if forkserver:
-            import multiprocessing as mp
-            from multiprocessing import forkserver as fs
-            from ebmscale.data.stream import FORKSERVER_PRELOAD
-            mp.get_context("forkserver").set_forkserver_preload(list(FORKSERVER_PRELOAD))
-            fs.ensure_running()
-    except Exception as e:  # pragma: no cover - never fatal
-        log.warning(f"launch: could not pre-start helper processes: {e}")
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class RequeueLimitReached(RuntimeError):
@@ -126,9 +100,6 @@ class TrainJob:
 
     def __call__(self) -> Dict[str, Any]:
         import submitit
-        from ebmscale import distributed
-        from ebmscale.config import Config, validate
-        from ebmscale.train import stop
 
         env = submitit.JobEnvironment()
         d = distributed.setup_env()

@@ -14,6 +14,9 @@ import os
 import time
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 from ebmscale import distributed
 from ebmscale.train import stop
 
@@ -25,9 +28,6 @@ def _save(path: Path, state: dict) -> None:
 
 
 def main(cfg) -> stop.Outcome:
-    import torch
-    import torch.distributed as dist
-
     d = distributed.init(timeout_s=cfg.train.collective_timeout_s)
     dev = distributed.collective_device(d.backend)  # NCCL all-reduces GPU tensors only
     out = Path(cfg.run.dir)

@@ -15,11 +15,16 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import psutil
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ebmscale.config import ConfigError
 from ebmscale.launch.checks import FINAL_STATES, slurm_state, tasks_per_node
 from ebmscale.launch.job import LOG_NAME, TrainJob
+from ebmscale.distributed import free_port
+from ebmscale.progress import Console
+from ebmscale.train.heartbeat import last_beat
 
 # variables of an outer launcher that must not leak into the job (they would override the job's own)
 SCRUB = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
@@ -109,11 +114,7 @@ def sbatch_test_only(script: str) -> str:
 
 def local_nproc(nproc: Optional[int]) -> Tuple[int, int]:
     """(processes, GPUs) for --local: --nproc, else one per visible GPU, else 2 CPU processes."""
-    try:
-        import torch
-        ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except ImportError:  # pragma: no cover
-        ngpu = 0
+    ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if nproc is not None:
         if nproc < 1:
             raise ConfigError(f"--nproc must be >= 1, got {nproc}")
@@ -155,7 +156,6 @@ def submit_slurm(cfg: DictConfig):
 
 def submit_local(cfg: DictConfig, nproc: int, ngpu: int):
     import submitit
-    from ebmscale.distributed import free_port
     out = Path(cfg.run.dir)
     folder = submitit_folder(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -217,7 +217,6 @@ class LogFollower:
     lines in a file or pipe, a live progress bar in a terminal."""
 
     def __init__(self, path: Path, enabled: bool = True) -> None:
-        from ebmscale.progress import Console
         self.path, self.pos, self.enabled, self.console = path, 0, enabled, Console()
 
     def poll(self) -> None:
@@ -248,7 +247,6 @@ EXIT_HUNG = 4  # a rank stopped answering and the others failed waiting for it (
 def report(folder: Path, job_id: str, ntasks: int, out: Path, state: str) -> int:
     """Print the outcome from the tasks' result files; 0 completed, 3 stopped/preempted, 4 a rank hung or died
     silently (the others failed waiting for it), 1 failed."""
-    from ebmscale.train.heartbeat import last_beat
     results = {r: task_result(folder, job_id, r) for r in range(ntasks)}
     errors = {r: v for r, (kind, v) in results.items() if kind == "error"}
     silent = [r for r, (kind, _) in results.items() if kind is None]
@@ -297,7 +295,6 @@ def report(folder: Path, job_id: str, ntasks: int, out: Path, state: str) -> int
 
 def stop_now(job) -> None:
     """SIGKILL the tasks of a --local job, then its controller (the second Ctrl-C)."""
-    import psutil
     proc = getattr(job, "_process", None)
     if proc is None or proc.poll() is not None:
         return
@@ -317,7 +314,6 @@ def wait_local(job, nproc: int, out: Path, follow: bool = True, peer_grace_s: fl
     """Wait for a --local job. SIGTERM to the launcher, or a first Ctrl-C, stops the job gracefully (submitit's
     controller forwards SIGTERM to every task: they checkpoint at the next step boundary and exit); a second
     Ctrl-C stops it at once."""
-    import signal as _signal
     folder = submitit_folder(out)
     follower = LogFollower(_log_path(folder, job.job_id, 0), follow)
     first_error: Optional[float] = None
@@ -326,8 +322,8 @@ def wait_local(job, nproc: int, out: Path, follow: bool = True, peer_grace_s: fl
         print("[launch] SIGTERM: asking the tasks to checkpoint and stop", file=sys.stderr, flush=True)
         proc = getattr(job, "_process", None)
         if proc is not None and proc.poll() is None:
-            proc.send_signal(_signal.SIGTERM)
-    previous = _signal.signal(_signal.SIGTERM, forward_term)
+            proc.send_signal(signal.SIGTERM)
+    previous = signal.signal(signal.SIGTERM, forward_term)
     interrupted = False
     try:
         while True:
@@ -348,7 +344,7 @@ def wait_local(job, nproc: int, out: Path, follow: bool = True, peer_grace_s: fl
                 interrupted = True
                 print("\n[launch] Ctrl-C: stopping at the next step boundary, saving a checkpoint (Ctrl-C again "
                       "to stop now)", file=sys.stderr, flush=True)
-                forward_term(_signal.SIGTERM, None)  # the tasks had it from the terminal too, unless sent to us alone
+                forward_term(signal.SIGTERM, None)  # the tasks had it from the terminal too, unless sent to us alone
     except KeyboardInterrupt:
         follower.close()
         stop_now(job)
@@ -356,7 +352,7 @@ def wait_local(job, nproc: int, out: Path, follow: bool = True, peer_grace_s: fl
               f"committed checkpoint in {out}", file=sys.stderr)
         return 130
     finally:
-        _signal.signal(_signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous)
     follower.close()
     return report(folder, job.job_id, nproc, out, job.state)
 

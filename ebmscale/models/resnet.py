@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm, spectral_norm
 
+from ebmscale.config import ARCHS
+
 # arch -> ((width multiple of filters, downsample), ...); the stem conv is always in_channels -> filters
 ARCH_BLOCKS = {
     "resnet32": ((1, True), (1, False), (2, True), (2, False), (2, True), (2, False)),
@@ -29,6 +31,7 @@ ARCH_BLOCKS = {
                       (8, True), (8, False), (8, False)),
     "resnet128": ((1, True), (2, True), (4, True), (8, True), (8, True), (8, False)),
 }
+assert tuple(ARCH_BLOCKS) == ARCHS, "config.ARCHS (the names the schema accepts) must list exactly these nets"
 
 
 class _CappedSpectralNorm(_SpectralNorm):
@@ -149,12 +152,6 @@ class EnergyModel(nn.Module):
             cin = mult * filters
         self.blocks = nn.ModuleList(blocks)
         self.fc = nn.Linear(cin, 1)
-
-    @classmethod
-    def from_pretrained(cls, folder, device="cpu", dtype: torch.dtype = torch.float32) -> "EnergyModel":
-        """A model written by `ebmscale export` (torch and safetensors only, no pickle; ebmscale/export.py)."""
-        from ebmscale.export import load_pretrained
-        return load_pretrained(folder, device, dtype)
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: [N, C, H, W] in [0, 1], best fp32 (the stem reads it in fp32); y: [N] class labels (ignored when

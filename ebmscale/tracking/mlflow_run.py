@@ -43,9 +43,12 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
+from PIL import Image
 
 from ebmscale.log import get_logger
 from ebmscale.tracking.spool import Spool, SpoolFull
+from ebmscale.train import stop
+from ebmscale.train.heartbeat import stale
 
 log = get_logger(__name__)
 
@@ -193,7 +196,6 @@ class MlflowTracker:
 
     @_safe
     def log_image(self, key: str, image, step: int) -> None:
-        from PIL import Image
         image = np.asarray(image)
         if not self._fresh(f"image:{key}", int(step)):
             return
@@ -282,7 +284,6 @@ class MlflowTracker:
         """KILLED if a stop was requested and the trainer then neither ended, logged anything (a checkpoint saved
         counts) nor beat its heartbeat for its patience (killed_after_s, or 1.5 x its step time if longer). If it
         was only slow, its finish() sets the final status anyway."""
-        from ebmscale.train import stop
         while not self._closed.wait(0.5):
             if stop.stop_requested():
                 quiet_since, hb = time.monotonic(), self.heartbeat
@@ -293,7 +294,6 @@ class MlflowTracker:
                         break
                 else:
                     return
-                from ebmscale.train.heartbeat import stale
                 where = "; ".join(stale(self.run_dir, patience)) or "a dead peer rank?"
                 _warn(f"stop requested ({stop.stop_reason() or 'by a peer'}) and nothing from the trainer for "
                       f"{patience:g}s: marking run {self._run_id} KILLED before a SIGKILL can come ({where})")
@@ -373,7 +373,6 @@ class MlflowTracker:
             for i in range(0, len(tags), 100):
                 c.log_batch(self._run_id, tags=tags[i:i + 100])
         elif op == "image":
-            from PIL import Image
             with Image.open(self.spool.root / r["file"]) as im:
                 c.log_image(self._run_id, im.convert("RGB"), key=r["key"], step=r["step"], timestamp=r["ts"])
         elif op == "artifact":

@@ -19,8 +19,11 @@ import time
 from typing import Dict, Optional
 
 import psutil
+import torch
+import torch.distributed as dist
 
 from ebmscale.log import get_logger
+from ebmscale import distributed
 
 log = get_logger(__name__)
 
@@ -46,12 +49,8 @@ class NodeSampler:
             pynvml.nvmlInit()
             return [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
         except ImportError:
-            try:
-                import torch
-                if torch.cuda.is_available():
-                    log.warning("[tracking] no GPU system metrics: install nvidia-ml-py (pynvml)")
-            except Exception:
-                pass
+            if torch.cuda.is_available():
+                log.warning("[tracking] no GPU system metrics: install nvidia-ml-py (pynvml): pip install 'ebmscale[gpu]'")
         except Exception as e:
             log.warning(f"[tracking] no GPU system metrics: NVML: {e}")
         return []
@@ -94,7 +93,6 @@ class NodeSampler:
 
 
 def _local_rank() -> int:
-    from ebmscale import distributed
     d = distributed.current()
     return d.local_rank if d else int(os.environ.get("LOCAL_RANK", "0"))
 
@@ -102,7 +100,6 @@ def _local_rank() -> int:
 def gather() -> Dict[str, float]:
     """A collective: call it on every rank at the same point. Returns {"system/<host>/<name>": value} for
     every node (the same dict on every rank)."""
-    import torch.distributed as dist
     global _sampler
     mine = None
     if _local_rank() == 0:

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ebmscale.buffer import reshard
 from ebmscale.log import get_logger
 from ebmscale.train import faults
 
@@ -491,7 +492,6 @@ def restore(trainer, folder: Path, load_dir: Optional[Path] = None, data_and_rng
              f"buffer {len(buffer)} samples sha {fingerprint(buffer.state_dict())}; rng sha {fingerprint(mine['rng'])}"
              + (f"; icd sha {fingerprint(icd.state_dict())}" if icd is not None else ""))
         return
-    from ebmscale.buffer import reshard
     shards = [load(f, map_location="cpu", mmap=True) for f in files]
     share, dropped = reshard([s["buffer"] for s in shards], world_size, rank, buffer.capacity)
     buffer.load_state_dict(share)

@@ -31,6 +31,7 @@ from ebmscale.train import runlock, stop
 from ebmscale.train.checkpoint import Checkpointer, broadcast, fingerprint, restore, trust_pickles  # noqa: F401 (fingerprint: tests)
 from ebmscale.precision import compute_dtype
 from ebmscale.train.ds_config import build_ds_config
+from ebmscale.train.entry import train_main
 from ebmscale.train.guard import GuardFailure, check_discard_supported
 from ebmscale.train.optim import build_optimizer
 from ebmscale.train.trainer import Trainer
@@ -262,7 +263,6 @@ def _main(cfg, d, out: Path) -> stop.Outcome:
 def cli(argv=None) -> int:
     """`python -m ebmscale.train.main CONFIG [key=value ...]` (torchrun, srun, plain python): the launcher's
     parsing, stop handlers on SIGUSR1/SIGUSR2/SIGTERM and signal-shielded loader workers, then main()."""
-    from ebmscale.launch.cli import train_main
     return train_main(argv, entry=main)
 
 

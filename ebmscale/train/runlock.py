@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ebmscale import distributed
+
 LOCK = "writer.lock"
 
 
@@ -63,9 +65,8 @@ def stale(info: dict) -> Optional[str]:
             return f"process {info.get('pid')} on {info.get('host')} is gone"
         return None
     if info.get("job_id"):
-        from ebmscale.launch.checks import FINAL_STATES, slurm_state
-        state = slurm_state(str(info["job_id"]))
-        if state.startswith(FINAL_STATES):
+        state = distributed.slurm_state(str(info["job_id"]))
+        if state.startswith(distributed.FINAL_STATES):
             return f"SLURM job {info['job_id']} is {state}"
     return None
 

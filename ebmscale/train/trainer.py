@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from PIL import Image
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -27,6 +28,7 @@ from ebmscale.train.guard import SEVERITY, Guard, GuardFailure, Verdict, build_g
 from ebmscale.train.heartbeat import Heartbeat
 from ebmscale.train.icd import ICD
 from ebmscale.train.loss import cd_loss
+from ebmscale.tracking import system
 
 log = get_logger(__name__)
 
@@ -270,7 +272,7 @@ class Trainer:
         stats = self.stream.stats() if hasattr(self.stream, "stats") else {}
         m["data/bad_samples"] = float(stats.get("bad_samples", 0))
         if self.cfg.tracking.enabled and self.cfg.tracking.system_metrics:
-            from ebmscale.tracking import system  # a collective: every node's local rank 0 samples its node
+            # system.gather is a collective: every node's local rank 0 samples its node
             m.update(system.gather())
         return m
 
@@ -285,7 +287,6 @@ class Trainer:
         grid = self.pictures.image_grid(up(x.clamp(0, 1)), nrow=min(16, x.shape[0]))
         path = self.run_dir / "samples" / f"negatives_{self.step:09d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        from PIL import Image
         Image.fromarray(grid).save(path)
         self.tracker.log_image("negatives", grid, step=self.step)
         pos = self.pictures.image_grid(up(out["x_pos"].float().cpu().clamp(0, 1)), nrow=min(16, x.shape[0]))
