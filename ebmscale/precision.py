@@ -86,13 +86,27 @@ def gemm_gflops(dtype: torch.dtype, n: int = 128, reps: int = 3) -> float:
     return 2 * n ** 3 / max(best, 1e-9) / 1e9
 
 
+def cpu_bf16_flag() -> bool:
+    """Whether the CPU has native bf16 (AVX512-BF16 or AMX). torch's probes are private (torch.cpu._is_*_supported,
+    torch 2.3-2.13); without them, the flags Linux lists in /proc/cpuinfo; else False (fp32 is the safe answer)."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(callable(p) for p in probes):
+        return bool(any(p() for p in probes))
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_tile" in flags
+
+
 def detect_hardware(device: Optional[str] = None) -> Hardware:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
         index = torch.cuda.current_device()
         return Hardware("cuda", torch.cuda.get_device_name(index),
                         cuda_capability=tuple(torch.cuda.get_device_capability(index)))
-    flag = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    flag = cpu_bf16_flag()
     gflops = {"fp32": gemm_gflops(torch.float32), "bf16": gemm_gflops(torch.bfloat16)}
     return Hardware("cpu", cpu_model(), isa=torch.backends.cpu.get_cpu_capability(), cpu_bf16_flag=flag,
                     gemm_gflops=gflops)

@@ -44,7 +44,10 @@ def add_args(p) -> None:
 
 
 def _photo_crops(n: int, size: int, seed: int = 0) -> Source:
-    import skimage.data
+    try:
+        import skimage.data
+    except ImportError:
+        raise SystemExit("bench data needs scikit-image for its sample photos: pip install 'ebmscale[bench]'") from None
 
     rng, items = np.random.default_rng(seed), []
     photos = [getattr(skimage.data, name)() for name in PHOTOS]

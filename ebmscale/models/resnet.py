@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import _SpectralNorm, spectral_norm
+from torch.nn.utils.parametrizations import spectral_norm
 
 from ebmscale.config import ARCHS
 
@@ -32,6 +32,14 @@ ARCH_BLOCKS = {
     "resnet128": ((1, True), (2, True), (4, True), (8, True), (8, True), (8, False)),
 }
 assert tuple(ARCH_BLOCKS) == ARCHS, "config.ARCHS (the names the schema accepts) must list exactly these nets"
+
+# torch's spectral-norm parametrization class is private: take it by name (torch 2.3-2.13), else as the class the
+# public spectral_norm() registers. The release's capped norm below subclasses it and uses its power iteration.
+try:
+    from torch.nn.utils.parametrizations import _SpectralNorm
+except ImportError:  # pragma: no cover - a torch that renamed it
+    _SpectralNorm = type(spectral_norm(nn.Linear(1, 1)).parametrizations.weight[0])
+_SN_INTERNALS = ("_reshape_weight_to_matrix", "_power_method")
 
 
 class _CappedSpectralNorm(_SpectralNorm):
@@ -53,6 +61,11 @@ def _conv(cin: int, cout: int, k: int, sn: bool, bias: bool = True, release_resi
     if release_residual:
         nn.init.normal_(conv.weight, std=1e-10)  # utils.py get_weight(zero=True)
         if sn:
+            missing = [a for a in _SN_INTERNALS if not hasattr(_SpectralNorm, a)]
+            if missing:  # pragma: no cover - only on an untested torch
+                raise RuntimeError(f"model.residual=release with spectral norm needs torch's {_SpectralNorm.__name__}."
+                                   f"{', '.join(missing)} (torch 2.13 has them; this is torch {torch.__version__}): "
+                                   f"install torch 2.13, or train with model.residual=scaled")
             parametrize.register_parametrization(conv, "weight", _CappedSpectralNorm(conv.weight))
         return conv
     return spectral_norm(conv) if sn else conv

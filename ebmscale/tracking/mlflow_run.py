@@ -411,7 +411,7 @@ class MlflowTracker:
             if "end_reason" in run.data.tags:  # the previous launch's
                 c.delete_tag(self._run_id, "end_reason")
             old, restarts = run.data.params, int(run.data.tags.get("restart_count", -1)) + 1
-        self._server_steps = {m.key: m.step for m in run.data._metric_objs}  # latest step per key
+        self._server_steps = self._latest_steps(c, run)
         changed = sorted(k for k, v in r["params"].items() if k in old and old[k] != v)
         if changed:
             _warn(f"params changed on resume, MLflow keeps the first values (see restarts/{restarts}/config.yaml): "
@@ -423,6 +423,15 @@ class MlflowTracker:
         if r.get("file"):
             c.log_artifact(self._run_id, str(self.spool.root / r["file"]), f"restarts/{restarts}" if restarts else None)
         c.set_tag(self._run_id, "restart_count", str(restarts))
+
+    @staticmethod
+    def _latest_steps(c, run) -> Dict[str, int]:
+        """The newest step the server holds for each metric of `run`. run.data._metric_objs (private; MLflow 3.17)
+        has them in one call; without it, one public get_metric_history call per metric key."""
+        objs = getattr(run.data, "_metric_objs", None)
+        if objs is not None:
+            return {m.key: m.step for m in objs}
+        return {k: max((m.step for m in c.get_metric_history(run.info.run_id, k)), default=0) for k in run.data.metrics}
 
     def _experiment_id(self, c) -> str:
         from mlflow.exceptions import MlflowException

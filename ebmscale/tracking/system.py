@@ -7,7 +7,7 @@ samples to rank 0, which logs them with the training metrics at the same step, a
 timer) keeps it a collective every rank makes at the same point, survives requeues like any metric (the
 step is the training step), and costs ~1 ms per log step; a stalled loop shows as a gap, not as a flat line.
 
-GPU figures need NVML (`pip install nvidia-ml-py`, module `pynvml`); without it a node logs CPU/memory/disk/
+GPU figures need NVML (`pip install 'ebmscale[gpu]'`: nvidia-ml-py, module `pynvml`); without it a node logs CPU/memory/disk/
 network only and says so once. NVML counts every GPU of the node, whatever CUDA_VISIBLE_DEVICES says.
 """
 from __future__ import annotations

@@ -49,6 +49,13 @@ class Verdict:
 
 
 # ---- DeepSpeed's gradients between backward() and step() ------------------------------------------------------
+def norms(tensors: list) -> list:
+    """The 2-norm of each tensor: torch._foreach_norm (private, one fused kernel; torch 2.3-2.13), else one
+    torch.linalg.vector_norm per tensor (same values, more launches)."""
+    foreach = getattr(torch, "_foreach_norm", None)
+    return list(foreach(tensors)) if foreach is not None else [torch.linalg.vector_norm(t) for t in tensors]
+
+
 def gradient_shard(engine) -> tuple[list, bool]:
     """This rank's reduced gradients after `engine.backward`, and whether they are a full replica (no ZeRO) rather
     than this rank's disjoint partition (ZeRO 1-3 keep it in `averaged_gradients`)."""
@@ -127,7 +134,7 @@ class Guard:
         if not self.cfg.enabled:
             return torch.stack([zero + float(stop_requested)] + [zero] * 8)
         grads, replicated = gradient_shard(engine)
-        gsq = torch.stack(torch._foreach_norm(grads)).float().pow(2).sum() if grads else zero
+        gsq = torch.stack(norms(grads)).float().pow(2).sum() if grads else zero
         gsq = gsq / float(getattr(engine.optimizer, "loss_scale", 1.0) or 1.0) ** 2 / (self.world_size if replicated else 1)
         overflow = zero
         if self.fp16:  # DeepSpeed's loss scaler owns fp16 overflow: it skips the step and lowers the scale itself

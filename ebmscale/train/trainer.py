@@ -24,7 +24,7 @@ from ebmscale.sampling import frozen, langevin, model_energy
 from ebmscale.train import faults, stop
 from ebmscale.train.checkpoint import RNG, Checkpointer, healthy_checkpoints, restore, step_of
 from ebmscale.precision import compute_dtype
-from ebmscale.train.guard import SEVERITY, Guard, GuardFailure, Verdict, build_guard, discard_gradients
+from ebmscale.train.guard import SEVERITY, Guard, GuardFailure, Verdict, build_guard, discard_gradients, norms
 from ebmscale.train.heartbeat import Heartbeat
 from ebmscale.train.icd import ICD
 from ebmscale.train.loss import cd_loss
@@ -325,7 +325,7 @@ class Trainer:
         if self.ckpt.pending:
             self.heartbeat.beat(self.step, "commit")
             params = [p.detach() for p in self.engine.module.parameters()]
-            finite = bool(torch.stack(torch._foreach_norm(params)).isfinite().all()) if params else True
+            finite = bool(torch.stack(norms(params)).isfinite().all()) if params else True
             folder = self.ckpt.commit(healthy=self.guard.healthy(self.step), finite=finite)
             if folder is not None and self.rank == 0:  # recorded (and uploaded) only once committed
                 self.tracker.record_checkpoint(folder, step_of(folder))
