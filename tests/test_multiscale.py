@@ -1,4 +1,5 @@
 """The multi-scale energy: the sum of one net per resolution, each seeing the pooled input."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -6,6 +7,7 @@ from ebmscale.config import ConfigError, ModelConfig, load_config
 from ebmscale.models import EnergyModel, MultiScaleEnergy, build_model
 
 
+@pytest.mark.slow  # over 10 s on 2 busy cores
 def test_energy_is_the_sum_over_resolutions():
     torch.manual_seed(0)
     model = build_model(ModelConfig(filters=4, in_channels=1, resolution=32, num_classes=3, scales=3)).eval()

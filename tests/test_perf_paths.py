@@ -129,6 +129,7 @@ def test_langevin_and_buffer_benchmarks_run(tmp_path):
     assert [r["bytes_per_sample"] for r in out["rows"]] == [3 * 8 * 8 + 16] * 2
 
 
+@pytest.mark.slow  # over 10 s on 2 busy cores
 def test_bench_cli_lists_benchmarks_and_rejects_bad_input():
     def bench(*argv):
         return subprocess.run([sys.executable, "tools/bench.py", *argv], cwd=ROOT, capture_output=True, text=True,

@@ -63,9 +63,9 @@ def test_unknown_or_unresolved_precisions_are_refused_by_name():
 
 def test_the_probe_on_this_machine_is_fast_and_consistent_with_torch():
     import time
-    t = time.perf_counter()
+    t = time.process_time()  # CPU time (the probe runs on 1 thread): a busy machine stretches the wall clock only
     hw = detect_hardware("cpu")
-    assert time.perf_counter() - t < 1.0
+    assert time.process_time() - t < 1.0
     assert hw.gemm_gflops["fp32"] > 0 and hw.gemm_gflops["bf16"] > 0
     flag = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     assert hw.cpu_bf16_flag == flag

@@ -1,4 +1,5 @@
 """Reservoir sampling (ebmscale/reservoir.py): every pushed sample kept with probability capacity / pushed."""
+import pytest
 import torch
 
 from ebmscale.buffer import reshard
@@ -11,6 +12,7 @@ def stream_into(buf: ReservoirBuffer, total: int, batch: int) -> None:
         buf.push(torch.zeros(len(ids), 1, 1, 1), ids, ids)
 
 
+@pytest.mark.slow  # over 10 s on 2 busy cores
 def test_each_sample_kept_with_probability_capacity_over_pushed():
     torch.manual_seed(0)
     capacity, total, trials = 10, 100, 4000

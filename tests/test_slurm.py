@@ -42,7 +42,7 @@ def _controller_reachable() -> str:
 
 
 _why = _controller_reachable()
-pytestmark = [pytest.mark.slurm, pytest.mark.skipif(bool(_why), reason=_why or "-")]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.skipif(bool(_why), reason=_why or "-")]
 needs_trainer = pytest.mark.skipif(not (ROOT / "ebmscale" / "train" / "main.py").exists(),
                                    reason="the trainer (ebmscale/train/main.py) is not there yet")
 

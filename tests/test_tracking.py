@@ -4,6 +4,7 @@ import re
 import time
 
 import numpy as np
+import pytest
 from mlflow_server import mlflow_server  # noqa: F401  (the fixture)
 
 from ebmscale.config import TrackingConfig
@@ -31,6 +32,7 @@ def get_run(server, run_id):
         {t["key"]: t["value"] for t in run["data"].get("tags", [])}
 
 
+@pytest.mark.slow  # over 10 s on 2 busy cores
 def test_run_lifecycle_and_resume(mlflow_server, tmp_path):
     cfg, run_dir = config(uri=mlflow_server.url, experiment="lifecycle"), tmp_path / "run"
     t = launch(cfg, run_dir, job="100")
@@ -79,6 +81,7 @@ def test_run_lifecycle_and_resume(mlflow_server, tmp_path):
     assert mlflow_server.artifacts(run_id, "restarts") == ["restarts/1", "restarts/2"]
 
 
+@pytest.mark.slow  # over 10 s on 2 busy cores
 def test_server_outage_loses_nothing(mlflow_server, tmp_path, capfd):
     cfg = config(uri=mlflow_server.url, experiment="outage")
     a = launch(cfg, tmp_path / "a")

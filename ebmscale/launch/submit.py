@@ -293,15 +293,20 @@ def report(folder: Path, job_id: str, ntasks: int, out: Path, state: str) -> int
     return code
 
 
-def stop_now(job) -> None:
-    """SIGKILL the tasks of a --local job, then its controller (the second Ctrl-C)."""
+def stop_now(job, grace_s: float = 0.0) -> None:
+    """SIGKILL the tasks of a --local job, then its controller (the second Ctrl-C). With grace_s, first give the
+    tasks that long to end by themselves (a terminal's Ctrl-C reached them too: rank 0 records INTERRUPTED)."""
     proc = getattr(job, "_process", None)
     if proc is None or proc.poll() is not None:
         return
     try:
-        tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+        controller = psutil.Process(proc.pid)
+        tasks = controller.children(recursive=True)
     except psutil.NoSuchProcess:
         return
+    if grace_s:
+        _, tasks = psutil.wait_procs(tasks, timeout=grace_s)
+    tree = tasks + [controller]
     for p in tree:
         try:
             p.kill()
@@ -347,7 +352,7 @@ def wait_local(job, nproc: int, out: Path, follow: bool = True, peer_grace_s: fl
                 forward_term(signal.SIGTERM, None)  # the tasks had it from the terminal too, unless sent to us alone
     except KeyboardInterrupt:
         follower.close()
-        stop_now(job)
+        stop_now(job, grace_s=5.0)
         print(f"\ninterrupted: the local job was stopped now. Relaunch the same command to resume from the last "
               f"committed checkpoint in {out}", file=sys.stderr)
         return 130

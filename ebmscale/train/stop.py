@@ -4,8 +4,14 @@ The trainer reads it at step boundaries, agrees on it across ranks (one all-redu
 committed checkpoint and returns `Outcome.PREEMPTED`, so the launcher can requeue the job.
 """
 import enum
+import os
 import signal
 import threading
+import time
+
+# tests only: a stop waits before its checkpoint until a KeyboardInterrupt (the second Ctrl-C) ends it, so a test of
+# "Ctrl-C twice" does not depend on whether the first stop's checkpoint beats the second signal on a busy machine
+HOLD_ENV = "EBMSCALE_TEST_HOLD_STOP"
 
 _reason: list = []
 _lock = threading.Lock()
@@ -48,3 +54,11 @@ def install_interrupt_handler() -> None:
             raise KeyboardInterrupt
         request_stop("SIGINT")
     signal.signal(signal.SIGINT, on_sigint)
+
+
+def hold_for_test() -> None:
+    """With HOLD_ENV set (tests only), wait here for the second Ctrl-C: its KeyboardInterrupt ends the wait."""
+    if os.environ.get(HOLD_ENV):
+        print(f"[ebmscale] stop held ({HOLD_ENV}): waiting for the second Ctrl-C", flush=True)
+    while os.environ.get(HOLD_ENV):
+        time.sleep(0.05)

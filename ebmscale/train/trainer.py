@@ -159,6 +159,7 @@ class Trainer:
             return next(self._data)
 
     def preempt(self, bar) -> stop.Outcome:
+        stop.hold_for_test()
         self.save()
         self.commit()
         log.info(f"rank {self.rank}: stop requested ({stop.stop_reason() or 'by a peer'}); "
