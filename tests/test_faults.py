@@ -3,6 +3,7 @@ lies, bounded spool. Fast tests use the real Checkpointer and Trainer state plum
 `slow` ones run real 2-rank DeepSpeed jobs (tests/conftest.py `train`)."""
 import json
 import random
+import threading
 import subprocess
 import sys
 from pathlib import Path
@@ -159,16 +160,19 @@ def test_a_live_writer_refuses_a_second_one_a_dead_one_is_taken_over(tmp_path, m
     runlock.release(tmp_path, held)
     assert not (tmp_path / runlock.LOCK).exists()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (tmp_path / runlock.LOCK).write_text(json.dumps({**held, "pid": int(dead.stdout)}))  # a SIGKILLed holder
+    (tmp_path / runlock.LOCK).write_text(json.dumps({**held.info, "pid": int(dead.stdout)}))  # a SIGKILLed holder
     res = _take(tmp_path)
     assert res.returncode == 0 and f"pid {int(dead.stdout)}" in res.stdout and "is gone" in res.stdout
     assert not (tmp_path / runlock.LOCK).exists()  # released at exit
     other = {"job_id": "4242", "host": "node-x", "pid": 1, "start": "then"}  # another host's job
     (tmp_path / runlock.LOCK).write_text(json.dumps(other))
-    monkeypatch.setattr("ebmscale.launch.checks.slurm_state", lambda job: "RUNNING")
-    with pytest.raises(runlock.RunFolderInUse, match="SLURM job 4242 on host node-x, pid 1"):
+    monkeypatch.setattr(runlock, "slurm_state", lambda job: "RUNNING")
+    with pytest.raises(runlock.RunFolderInUse, match="SLURM job 4242 on host node-x, pid 1.*SLURM says it is RUNNING"):
         runlock.acquire(tmp_path)
-    monkeypatch.setattr("ebmscale.launch.checks.slurm_state", lambda job: "CANCELLED by 0")
+    monkeypatch.setattr(runlock, "slurm_state", lambda job: None)  # squeue/sacct failing: unknown, not taken over
+    with pytest.raises(runlock.RunFolderInUse, match="could not be asked about job 4242.*unknown"):
+        runlock.acquire(tmp_path)
+    monkeypatch.setattr(runlock, "slurm_state", lambda job: "CANCELLED by 0")
     assert runlock.check(tmp_path) is None
 
 
@@ -493,12 +497,19 @@ def test_a_checkpoint_is_recorded_for_tracking_only_after_its_commit(tmp_path):
 def test_inside_one_slurm_job_a_requeue_takes_over_but_a_second_launch_on_the_node_does_not(tmp_path, monkeypatch):
     import os
     import socket
+    import time
     from ebmscale.train import runlock
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
-    live = {"job_id": "77", "restart": 0, "host": socket.gethostname(), "pid": os.getppid(),
-            "proc_start": runlock._proc_start(os.getppid()), "start": "now"}
+    live = {"job_id": "77", "restart": 0, "host": socket.gethostname(), "pid": os.getppid(), "token": "t",
+            "proc_start": runlock._proc_start(os.getppid()), "start": "now", "lease_s": 0.5}
     assert runlock.stale(live) is None  # same job, same node, live process: a second launch, refused
-    assert runlock.stale({**live, "host": "node-b"})  # same job, other node: the job was requeued there
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    assert runlock.stale(live)  # same job, a later start
+    assert runlock.stale(live) is None  # a live earlier instance of this job on this node: a zombie, refused
+    lock = tmp_path / runlock.LOCK
+    lock.write_text(json.dumps({**live, "host": "node-b"}))
+    assert "silent for" in runlock.stale({**live, "host": "node-b"}, lock)  # requeued here; node-b no longer beats
+    beat = threading.Thread(target=lambda: [time.sleep(0.05) or os.utime(lock) for _ in range(30)])
+    beat.start()
+    assert runlock.stale({**live, "host": "node-b"}, lock) is None  # still beating on node-b: a zombie
+    beat.join()

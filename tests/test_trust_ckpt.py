@@ -171,3 +171,49 @@ def test_config_yaml_is_written_atomically_and_only_when_it_changes(tmp_path, mo
         ck.write_if_changed(f, "a: 2\n")
     assert f.read_text() == "a: 1\n" and f.stat().st_mtime_ns == mtime and list(tmp_path.iterdir()) == [f]
     ck.bookkeeping(tmp_path / "latest", "step_2\n")  # a warning, not an error
+
+
+# ---- one writer under races ---------------------------------------------------------------------------------------
+def _racer(run_dir, barrier, rounds, results):
+    from ebmscale.train import runlock
+    for _ in range(rounds):
+        barrier.wait()  # the parent planted this round's lock (or none)
+        barrier.wait()  # both go at once
+        try:
+            lease = runlock.acquire(run_dir, log=lambda m: None, lease_s=30)
+        except runlock.RunFolderInUse:
+            lease = None
+        barrier.wait()  # every contender has finished trying
+        results.put((os.getpid(), lease is not None and lease.lost() is None))
+        barrier.wait()
+        if lease is not None:
+            runlock.release(run_dir, lease)
+        barrier.wait()  # released before the next round
+
+
+def test_two_processes_racing_for_one_lock_exactly_one_holds_it_every_round(tmp_path):
+    import multiprocessing as mp
+    from ebmscale.train import runlock
+    ctx, rounds = mp.get_context("fork"), 40
+    barrier, results = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_racer, args=(tmp_path, barrier, rounds, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    dead = ctx.Process(target=lambda: None)
+    dead.start()
+    dead.join()
+    won = []
+    for r in range(rounds):
+        if r % 2:  # a lock left by a SIGKILLed holder: both judge it stale and race to take it over
+            (tmp_path / runlock.LOCK).write_text(json.dumps({**runlock.me(), "pid": dead.pid, "proc_start": "x"}))
+        barrier.wait()
+        barrier.wait()
+        barrier.wait()
+        got = [results.get(timeout=30) for _ in procs]
+        won.append(sum(ok for _, ok in got))
+        barrier.wait()
+        barrier.wait()
+    for p in procs:
+        p.join(timeout=30)
+    assert won == [1] * rounds
+    assert not (tmp_path / runlock.LOCK).exists() and not list(tmp_path.glob(".writer.lock.*"))
