@@ -153,8 +153,9 @@ def test_a_disk_that_fills_during_a_save_is_an_error_in_words(tmp_path, monkeypa
     monkeypatch.setattr(ck, "_save_file", full)
     t.step = 4
     t.save()
-    with pytest.raises(ck.CheckpointWriteError, match=rf"writing checkpoint {tmp_path / ck.tag(4)} failed: No space "
-                                                      rf"left on device.*not committed.*the newest is {ck.tag(2)}"):
+    with pytest.raises(ck.CheckpointWriteError, match=rf"writing checkpoint {tmp_path / ck.tag(4)} failed: the filesystem "
+                                                      rf"holding {tmp_path} is full.*No space left on device.*not "
+                                                      rf"committed.*the newest is {ck.tag(2)}"):
         t.ckpt.commit()
     assert ck.latest(tmp_path) == tmp_path / ck.tag(2)
 
@@ -217,3 +218,34 @@ def test_two_processes_racing_for_one_lock_exactly_one_holds_it_every_round(tmp_
         p.join(timeout=30)
     assert won == [1] * rounds
     assert not (tmp_path / runlock.LOCK).exists() and not list(tmp_path.glob(".writer.lock.*"))
+
+
+@pytest.mark.slow
+def test_drill_a_real_full_disk_stops_in_words_and_resumes_once_space_is_freed(tmp_path, digits_shards):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        run, args = disk / "run", ["checkpoint.every=2", "tracking.enabled=false"]
+        res = train(run, digits_shards, "train.steps=4", *args, nproc=1, check=False)  # full during the 1st save
+        out = res.stdout + res.stderr
+        assert res.returncode != 0 and "[rank0]: Traceback" not in out, out[-3000:]
+        assert f"run stopped: rank 0: writing checkpoint {run / 'checkpoints' / ck.tag(2)} failed: the filesystem " \
+               f"holding {run / 'checkpoints'} is full" in out
+        subprocess.run(["mount", "-o", "remount,size=1m", str(disk)], check=True)
+        res = train(run, digits_shards, "train.steps=8", *args, nproc=1, check=False)  # room for one checkpoint
+        out = res.stdout + res.stderr
+        assert res.returncode != 0 and "[rank0]: Traceback" not in out, out[-3000:]
+        assert f"not enough free space to save {run / 'checkpoints' / ck.tag(4)}: about" in out
+        assert "relaunch to resume from step_000000002" in out
+        step2 = {f.name: f.read_bytes() for f in (run / "checkpoints" / ck.tag(2)).iterdir()}
+        config = (run / "config.yaml").stat().st_mtime_ns
+        subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)  # space freed
+        res = train(run, digits_shards, "train.steps=8", *args, "checkpoint.keep_last=1", nproc=1)
+        assert "resumed step 2" in res.stdout + res.stderr
+        assert ck.latest(run / "checkpoints") == run / "checkpoints" / ck.tag(8)
+        assert (run / "config.yaml").stat().st_mtime_ns == config  # unchanged content: not rewritten
+        assert step2  # step 2 was intact until retention removed it after step 8 committed
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

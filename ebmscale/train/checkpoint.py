@@ -41,6 +41,7 @@ state_dict/load_state_dict, where). "rank" parts go to this rank's rank_*.pt, "s
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -521,21 +522,26 @@ class Checkpointer:
 
     @contextmanager
     def _writing(self, folder: Path):
-        """An OSError while writing a checkpoint (a full disk) becomes CheckpointWriteError in words."""
+        """An error while writing a checkpoint (a full disk: OSError, or torch.save's RuntimeError from its C++
+        stream) becomes CheckpointWriteError in words."""
         try:
             yield
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
             raise CheckpointWriteError(self._write_failed(folder, e)) from e
 
     def _write_failed(self, folder: Path, e: BaseException) -> str:
         try:
-            free = f"{shutil.disk_usage(self.root).free} bytes free"
+            free = shutil.disk_usage(self.root).free
         except OSError:
-            free = "free space unknown"
+            free = None
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < 1 << 20)
+        why = getattr(e, "strerror", None) or f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         good = latest(self.root, warn=False, content=False)
-        return (f"rank {self.rank}: writing checkpoint {folder} failed: {getattr(e, 'strerror', None) or e} "
-                f"({getattr(e, 'filename', None) or folder}; {free} on the filesystem holding {self.root}). It is "
-                f"not committed (moved aside at the next start); the committed checkpoints are untouched"
+        return (f"rank {self.rank}: writing checkpoint {folder} failed"
+                + (f": the filesystem holding {self.root} is full ({free} bytes free)" if full else
+                   f" ({free if free is not None else 'unknown'} bytes free on the filesystem holding {self.root})")
+                + f"; the error was {why} ({getattr(e, 'filename', None) or folder}). It is not committed (moved "
+                f"aside at the next start); the committed checkpoints are untouched"
                 + (f", the newest is {good.name}" if good else "") + ". Free space there and relaunch to resume")
 
     def _write_rank_file(self, folder: Path, state: dict) -> None:
@@ -558,7 +564,7 @@ class Checkpointer:
             thread.join()
         if self._error:
             e = self._error.pop()
-            if isinstance(e, OSError):
+            if isinstance(e, (OSError, RuntimeError)):
                 raise CheckpointWriteError(self._write_failed(folder, e)) from e
             raise RuntimeError(f"writing {folder}/rank_{self.rank:05d}.pt failed") from e
         with self._writing(folder):
