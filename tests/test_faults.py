@@ -238,6 +238,9 @@ def test_auto_falls_back_past_a_torn_checkpoint_naming_the_bad_file(tmp_path, ca
     assert str(bad) in capsys.readouterr().err  # a warning: stderr (ebmscale/log.py)
     (tmp_path / ck.tag(2) / "trainer.json").write_text("{")
     assert ck.latest(tmp_path) is None
+    from ebmscale.config import ConfigError  # and a launch refuses to start from step 0 over them
+    with pytest.raises(ConfigError, match="none is readable.*checkpoint.resume=never run.overwrite=true"):
+        make_trainer(tmp_path).ckpt.resume_target()
 
 
 def test_with_the_guard_off_retention_keeps_the_newest_finite_checkpoint(tmp_path):
