@@ -102,7 +102,7 @@ def _beating(path: Path, info: dict, watch_s: float) -> bool:
         time.sleep(min(0.5, watch_s / 10))
         now = seen()
         if now != first:
-            return now[1] == info.get("token") or now[1] is not None
+            return now[1] is not None  # it beat, or the lock changed hands: not for us to take
     return False
 
 
@@ -119,9 +119,7 @@ def stale(info: dict, path: Optional[Path] = None, watch: bool = True) -> Option
             started = None
         if started is None or started not in ("?", info.get("proc_start")):
             return f"process {info.get('pid')} on {host} is gone"
-        if job and job == my_job and int(info.get("restart", 0)) < my_restart:
-            return None  # a live earlier instance of this job on this node: a zombie, never taken over
-        return None
+        return None  # alive (also a live earlier instance of this job: a zombie), never taken over
     if job and job == my_job and (int(info.get("restart", 0)) < my_restart or host != here):
         if path is None or not watch:
             return None
