@@ -249,3 +249,17 @@ def test_drill_a_real_full_disk_stops_in_words_and_resumes_once_space_is_freed(t
         assert (run / "config.yaml").stat().st_mtime_ns == config  # unchanged content: not rewritten
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_loading_for_evaluation_checks_the_content_hash(tmp_path):
+    from ebmscale.eval.loading import resolve_checkpoint
+    saved_run(tmp_path / "checkpoints", steps=(2,))
+    step = tmp_path / "checkpoints" / ck.tag(2)
+    assert resolve_checkpoint(tmp_path) == (tmp_path, step)
+    f = step / "mp_rank_00_model_states.pt"
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 4
+    f.write_bytes(bytes(data))
+    ck._verified.clear()
+    with pytest.raises(ValueError, match="has changed since its commit"):
+        resolve_checkpoint(step)
