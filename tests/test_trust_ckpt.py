@@ -45,6 +45,11 @@ def test_drill_new_world_size_beside_a_stale_failed_marker(tmp_path, digits_shar
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
     assert "written by 1 ranks on 2" in out
+    assert json.loads((stale / "COMPLETE").read_text())["source"] == ck.commit_key(run / "checkpoints" / ck.tag(3))
+    step4 = run / "checkpoints" / ck.tag(4)  # committed by 2 ranks: each hashed its own files
+    marker = json.loads((step4 / ck.COMMIT).read_text())
+    assert set(marker["sha256"]) == set(marker["files"]) and any("pp_rank_1_" in n for n in marker["sha256"])
+    assert ck.invalid(step4, content=True) is None
 
 
 # ---- the content hash --------------------------------------------------------------------------------------------
