@@ -172,7 +172,11 @@ def settle_precision(cfg, d: distributed.Dist, out: Path, checkpoint_precision) 
     cfg.train.precision = res.precision
     if d.rank != 0:
         return res
-    write_if_changed(out / "config.yaml", to_yaml(cfg))
+    try:
+        write_if_changed(out / "config.yaml", to_yaml(cfg))
+    except OSError as e:
+        raise SystemExit(f"ebmscale: cannot write {out / 'config.yaml'}: {e.strerror or e}; the one there is "
+                         f"unchanged. Free space in {out} and launch again") from None
     bookkeeping(out / "precision.json", json.dumps(dataclasses.asdict(res), indent=1))
     log(f"precision {res.precision} (train.precision={res.requested}): {res.reason}")
     if res.warning:
