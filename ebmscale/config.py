@@ -144,6 +144,7 @@ class CheckpointConfig:
     resume: str = "auto"  # auto | never | path to a checkpoint folder
     async_buffer: bool = True
     trust_pickles: bool = False  # load checkpoint files that need more than tensors (could run code): only your own
+    universal_timeout_s: float = 3600.0  # ranks > 0 wait this long for rank 0's universal conversion (new world size)
 
 
 @dataclass

@@ -55,24 +55,23 @@ FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
                 "DEADLINE", "GONE")
 
 
-def slurm_state(job_id: str) -> str:
-    """The job's state from sacct (through requeues), else squeue; GONE when neither knows it."""
-    if shutil.which("sacct"):
+def slurm_state(job_id: str) -> Optional[str]:
+    """The job's state (sacct, else squeue); GONE when the scheduler answers but does not know it; None when it
+    cannot be asked (no command, an error, a timeout): unknown."""
+    answered = False
+    for cmd in (["sacct", "-n", "-P", "-X", "-j", str(job_id), "-o", "State"], ["squeue", "-h", "-j", str(job_id), "-o", "%T"]):
+        if not shutil.which(cmd[0]):
+            continue
         try:
-            res = subprocess.run(["sacct", "-n", "-P", "-X", "-j", str(job_id), "-o", "State"],
-                                 capture_output=True, text=True, timeout=60)
-            lines = [x.strip() for x in res.stdout.splitlines() if x.strip()]
-            if res.returncode == 0 and lines:
-                return lines[-1].split()[0]
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.SubprocessError):
-            pass
-    try:
-        res = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
-                             timeout=60)
-        state = res.stdout.strip()
-        return state.split()[0] if state else "GONE"
-    except (OSError, subprocess.SubprocessError):
-        return "UNKNOWN"
+            continue
+        lines = [x.strip() for x in res.stdout.splitlines() if x.strip()]
+        if res.returncode == 0 and lines:
+            return lines[-1].split()[0]
+        if res.returncode == 0 or "Invalid job id" in res.stderr:
+            answered = True
+    return "GONE" if answered else None
 
 
 def free_port(host: str = "127.0.0.1") -> int:

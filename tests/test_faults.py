@@ -3,6 +3,7 @@ lies, bounded spool. Fast tests use the real Checkpointer and Trainer state plum
 `slow` ones run real 2-rank DeepSpeed jobs (tests/conftest.py `train`)."""
 import json
 import random
+import threading
 import subprocess
 import sys
 from pathlib import Path
@@ -159,16 +160,19 @@ def test_a_live_writer_refuses_a_second_one_a_dead_one_is_taken_over(tmp_path, m
     runlock.release(tmp_path, held)
     assert not (tmp_path / runlock.LOCK).exists()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (tmp_path / runlock.LOCK).write_text(json.dumps({**held, "pid": int(dead.stdout)}))  # a SIGKILLed holder
+    (tmp_path / runlock.LOCK).write_text(json.dumps({**held.info, "pid": int(dead.stdout)}))  # a SIGKILLed holder
     res = _take(tmp_path)
     assert res.returncode == 0 and f"pid {int(dead.stdout)}" in res.stdout and "is gone" in res.stdout
     assert not (tmp_path / runlock.LOCK).exists()  # released at exit
     other = {"job_id": "4242", "host": "node-x", "pid": 1, "start": "then"}  # another host's job
     (tmp_path / runlock.LOCK).write_text(json.dumps(other))
-    monkeypatch.setattr("ebmscale.distributed.slurm_state", lambda job: "RUNNING")
-    with pytest.raises(runlock.RunFolderInUse, match="SLURM job 4242 on host node-x, pid 1"):
+    monkeypatch.setattr(runlock, "slurm_state", lambda job: "RUNNING")
+    with pytest.raises(runlock.RunFolderInUse, match="SLURM job 4242 on host node-x, pid 1.*SLURM says it is RUNNING"):
         runlock.acquire(tmp_path)
-    monkeypatch.setattr("ebmscale.distributed.slurm_state", lambda job: "CANCELLED by 0")
+    monkeypatch.setattr(runlock, "slurm_state", lambda job: None)  # squeue/sacct failing: unknown, not taken over
+    with pytest.raises(runlock.RunFolderInUse, match="could not be asked about job 4242.*unknown"):
+        runlock.acquire(tmp_path)
+    monkeypatch.setattr(runlock, "slurm_state", lambda job: "CANCELLED by 0")
     assert runlock.check(tmp_path) is None
 
 
@@ -234,6 +238,9 @@ def test_auto_falls_back_past_a_torn_checkpoint_naming_the_bad_file(tmp_path, ca
     assert str(bad) in capsys.readouterr().err  # a warning: stderr (ebmscale/log.py)
     (tmp_path / ck.tag(2) / "trainer.json").write_text("{")
     assert ck.latest(tmp_path) is None
+    from ebmscale.config import ConfigError  # and a launch refuses to start from step 0 over them
+    with pytest.raises(ConfigError, match="none is readable.*checkpoint.resume=never run.overwrite=true"):
+        make_trainer(tmp_path).ckpt.resume_target()
 
 
 def test_with_the_guard_off_retention_keeps_the_newest_finite_checkpoint(tmp_path):
@@ -430,35 +437,26 @@ def test_make_shards_survives_a_dead_worker_and_verify_checks_sha256(tmp_path, m
 def test_the_killed_watchdog_waits_for_a_slow_but_beating_trainer(tmp_path, monkeypatch):
     import threading
     import time
-    from ebmscale.tracking import mlflow_run
     from ebmscale.tracking.mlflow_run import MlflowTracker
     from ebmscale.train import heartbeat, stop
-    # the trainer's and the watchdog's clock, moved by this test alone: how busy the machine is changes nothing
-    clock = [1000.0]
-    fake_time = SimpleNamespace(monotonic=lambda: clock[0], time=lambda: clock[0])
-    monkeypatch.setattr(heartbeat, "time", fake_time)
-    monkeypatch.setattr(mlflow_run, "time", fake_time)
     monkeypatch.setattr(heartbeat, "WRITE_EVERY_S", 0.0)
     hb = Heartbeat(tmp_path, 0)
     hb.beat(0)
-    clock[0] += 1.0
-    hb.beat(1)  # the trainer's pace: 1 s a step
+    time.sleep(1.0)
+    hb.beat(1)  # the trainer's pace: about 1 s a step
     ends = []
     fake = SimpleNamespace(_closed=threading.Event(), _last_put=0.0, killed_after_s=0.3, heartbeat=hb, _run_id="r",
                            run_dir=tmp_path, spool=SimpleNamespace(lock=threading.Lock()),
-                           _put=lambda r: ends.append((clock[0], r)))
+                           _put=lambda r: ends.append((time.monotonic(), r)))
     stop.request_stop("SIGTERM")
     try:
-        t0 = clock[0]
+        t0 = time.monotonic()
         dog = threading.Thread(target=MlflowTracker._watchdog, args=(fake,), daemon=True)
         dog.start()
         for step in (2, 3, 4):  # slower than killed_after_s, but steady
-            time.sleep(0.6)  # the watchdog looks every 0.5 s of real time
-            clock[0] += 0.9
+            time.sleep(0.9)
             hb.beat(step)
-        time.sleep(0.6)
         assert not ends, "marked KILLED while the trainer was beating"
-        clock[0] += 10.0  # then silence, far past its patience (1.5 steps)
         dog.join(10)
     finally:
         stop.clear()
@@ -502,12 +500,19 @@ def test_a_checkpoint_is_recorded_for_tracking_only_after_its_commit(tmp_path):
 def test_inside_one_slurm_job_a_requeue_takes_over_but_a_second_launch_on_the_node_does_not(tmp_path, monkeypatch):
     import os
     import socket
+    import time
     from ebmscale.train import runlock
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
-    live = {"job_id": "77", "restart": 0, "host": socket.gethostname(), "pid": os.getppid(),
-            "proc_start": runlock._proc_start(os.getppid()), "start": "now"}
+    live = {"job_id": "77", "restart": 0, "host": socket.gethostname(), "pid": os.getppid(), "token": "t",
+            "proc_start": runlock._proc_start(os.getppid()), "start": "now", "lease_s": 0.5}
     assert runlock.stale(live) is None  # same job, same node, live process: a second launch, refused
-    assert runlock.stale({**live, "host": "node-b"})  # same job, other node: the job was requeued there
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    assert runlock.stale(live)  # same job, a later start
+    assert runlock.stale(live) is None  # a live earlier instance of this job on this node: a zombie, refused
+    lock = tmp_path / runlock.LOCK
+    lock.write_text(json.dumps({**live, "host": "node-b"}))
+    assert "silent for" in runlock.stale({**live, "host": "node-b"}, lock)  # requeued here; node-b no longer beats
+    beat = threading.Thread(target=lambda: [time.sleep(0.05) or os.utime(lock) for _ in range(30)])
+    beat.start()
+    assert runlock.stale({**live, "host": "node-b"}, lock) is None  # still beating on node-b: a zombie
+    beat.join()

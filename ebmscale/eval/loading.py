@@ -16,7 +16,8 @@ from ebmscale.log import get_logger
 from ebmscale.models import build_model, set_dropout
 from ebmscale.models.pretrained import is_exported, load_pretrained, read_config
 from ebmscale.precision import compute_dtype, resolve_here
-from ebmscale.train.checkpoint import Checkpointer, committed, healthy_checkpoints, latest, load, safe_torch_load
+from ebmscale.train.checkpoint import (Checkpointer, committed, healthy_checkpoints, invalid, latest, load,
+                                       safe_torch_load)
 
 log = get_logger(__name__)
 
@@ -25,11 +26,17 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     """RUN_DIR or a checkpoint folder -> (run folder, committed checkpoint folder)."""
     path = Path(path)
     if committed(path):
+        why = invalid(path, content=True)  # sizes and sha256 against COMMITTED
+        if why:
+            raise ValueError(f"{path} cannot be loaded: {why}")
         return path.parent.parent, path
     newest, ckpt = latest(path / "checkpoints"), next(iter(healthy_checkpoints(path / "checkpoints")[-1:]), None)
     if newest is None or ckpt is None:
         raise FileNotFoundError(f"{path} holds no {'healthy ' if newest else ''}committed checkpoint (looked in "
                                 f"{path / 'checkpoints'}); train first, or pass a checkpoint folder")
+    why = invalid(ckpt, content=True)
+    if why:
+        raise ValueError(f"{ckpt} cannot be loaded: {why}; pass an older checkpoint folder of {path}")
     if ckpt != newest:
         log.warning(f"{newest.name} was marked unhealthy by the stability guard; using {ckpt.name} (pass {newest} "
                     f"to use it anyway)")

@@ -137,8 +137,8 @@ def check_run_dir(out: Path, create: bool = True) -> str:
 def job_alive(info: dict) -> Optional[str]:
     """The state of the job a run folder's launch.json names, if it is still queued or running."""
     if info.get("executor") == "slurm" and info.get("job_id"):
-        state = slurm_state(str(info["job_id"])) if shutil.which("squeue") else "UNKNOWN"
-        if not state.startswith(FINAL_STATES) and state != "UNKNOWN":
+        state = slurm_state(str(info["job_id"])) or "UNKNOWN"
+        if not state.startswith(FINAL_STATES) and state not in ("UNKNOWN", "GONE"):
             return state
     if info.get("executor") == "local" and info.get("pid"):
         try:

@@ -368,14 +368,14 @@ def wait_slurm(job_id: str, ntasks: int, out: Path, follow: bool = True, poll_s:
     last, t0 = None, time.time()
     try:
         while True:
-            state = slurm_state(job_id)
+            state = slurm_state(job_id) or "UNKNOWN"
             if state == "GONE" and time.time() - t0 < 30:
                 state = "PENDING"  # accounting lags a fresh submission
             follower.poll()
             if state != last:
                 print(f"[launch] job {job_id}: {state}", flush=True)
                 last = state
-            if state.startswith(FINAL_STATES):
+            if state.startswith(FINAL_STATES) or state == "GONE":  # GONE past 30 s: the scheduler forgot it
                 break
             time.sleep(poll_s)
     except KeyboardInterrupt:

@@ -6,10 +6,19 @@ Layout of `RUN/checkpoints/step_000500/`:
   trainer.json       step, world size, tracking run id, config (rank 0)
   COMMITTED          written last by rank 0, after every rank's files are complete (barrier); JSON with
                      `healthy`: the stability guard's judgement (guard.py), a rollback goes only to healthy ones
-Before COMMITTED every rank fsyncs the folder's files and rank 0 records their sizes in it ("files"); then the
-folder and its parent are fsynced. `latest()` is the one answer to "which checkpoint": the newest *valid* committed
-folder (COMMITTED and trainer.json parse, every rank's file is there, every file has its committed size); a torn
-one is passed over with a warning naming the bad file. `RUN/checkpoints/latest` is only written from it, for people
+Before COMMITTED every rank fsyncs and hashes its own files (sha256) and rank 0 records every file's size
+("files") and content hash ("sha256") in it; then the folder and its parent are fsynced. `latest()` is the one
+answer to "which checkpoint": the newest *valid* committed folder (COMMITTED and trainer.json parse, every rank's
+file is there, every file has its committed size and content); a torn or altered one is passed over with a warning
+naming the bad file. A rollback target and a resume are content-checked; pruning and listing check sizes only.
+Committed folders are immutable: nothing writes into a step_* once COMMITTED is there. What belongs to a committed
+step but is written later lives beside it, keyed to its commit (`commit_key`, a digest of COMMITTED) and moved or
+removed with it (branch, rollback, prune): `step_N.rollback.json` (the guard's state after a rollback to it, read
+by `read_trainer_state` in place of trainer.json) and `step_N_universal/` (main.to_universal). If the run folder
+holds committed checkpoints but none is readable, `resume=auto` refuses to start from step 0 over them.
+A save first checks the free space (the last checkpoint's size, +10%) and fails naming the folder and the bytes;
+a disk that fills during a save stops the run with `CheckpointWriteError` in words (the save is left uncommitted,
+the committed ones untouched). Bookkeeping (`latest`) that cannot be written is a warning. `RUN/checkpoints/latest` is only written from it, for people
 and DeepSpeed's tools; nothing reads it.
 Branches: `checkpoint.resume=<older step or another run's checkpoint>` moves the newer step folders (a fork: all of
 them) into `RUN/checkpoints/branched-<time>/` before anything is saved, and records the start in branch.json, so
@@ -32,6 +41,7 @@ state_dict/load_state_dict, where). "rank" parts go to this rank's rank_*.pt, "s
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -50,6 +60,7 @@ import torch
 import torch.distributed as dist
 
 from ebmscale.buffer import reshard
+from ebmscale.config import ConfigError
 from ebmscale.log import get_logger
 from ebmscale.train import faults
 
@@ -57,6 +68,13 @@ log = get_logger(__name__)
 
 COMMIT = "COMMITTED"
 BRANCH = "branch.json"
+ROLLBACK = ".rollback.json"  # step_N.rollback.json beside step_N
+UNIVERSAL = "_universal"  # step_N_universal/ beside step_N
+SPACE_MARGIN = 1.1  # a save needs the last checkpoint's size times this free
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full or failing disk); the message names the folder and what to do."""
 
 
 STEP_NAME = re.compile(r"step_(\d+)")
@@ -100,27 +118,85 @@ def healthy_checkpoints(root: Path, world_size: Optional[int] = None) -> list[Pa
     return [p for p in list_checkpoints(root) if ok(p)]
 
 
-def invalid(folder: Path) -> Optional[str]:
-    """Why a committed checkpoint cannot be resumed (naming the bad file), or None."""
+def digest(path: Path) -> str:
+    """sha256 of a file's content (hashlib uses the CPU's SHA instructions; docs/security-checkpoints.md: speed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def commit_key(folder: Path) -> Optional[str]:
+    """The identity of one commit of `folder` (a digest of its COMMITTED: sizes, hashes, time); what the files
+    beside it (`_universal`, `.rollback.json`) are keyed to. None if not committed."""
+    try:
+        return hashlib.sha256((Path(folder) / COMMIT).read_bytes()).hexdigest()[:32]
+    except OSError:
+        return None
+
+
+def companions(folder: Path) -> list[Path]:
+    """The files and folders beside a step folder that belong to it (moved and removed with it)."""
+    folder = Path(folder)
+    return [p for p in (folder.with_name(folder.name + UNIVERSAL), folder.with_name(folder.name + ROLLBACK))
+            if p.exists()]
+
+
+def _move_with_companions(folder: Path, dest_dir: Path) -> None:
+    for p in [folder, *companions(folder)]:
+        os.replace(p, dest_dir / p.name)
+
+
+def _remove_with_companions(folder: Path) -> None:
+    for p in [folder, *companions(folder)]:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+_verified: dict = {}  # (folder, COMMITTED's mtime and size) -> None: content checked once per process
+
+
+def invalid(folder: Path, content: bool = False) -> Optional[str]:
+    """Why a committed checkpoint cannot be resumed (naming the bad file), or None. `content`: also every file's
+    sha256 against COMMITTED (checkpoints committed before hashes were recorded: sizes only)."""
+    folder = Path(folder)
     try:
         marker = json.loads((folder / COMMIT).read_text() or "{}")
         state = json.loads((folder / "trainer.json").read_text())
-    except (OSError, ValueError) as e:
+        if not isinstance(marker, dict) or not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+        world = int(state.get("world_size", 0))
+        files, sums = dict(marker.get("files") or {}), dict(marker.get("sha256") or {})
+    except (OSError, ValueError, TypeError, AttributeError) as e:
         return f"{getattr(e, 'filename', None) or folder / 'trainer.json'} unreadable: {e}"
-    for r in range(int(state.get("world_size", 0))):
+    for r in range(world):
         if not (folder / f"rank_{r:05d}.pt").exists():
             return f"{folder / f'rank_{r:05d}.pt'} is missing"
-    for name, size in (marker.get("files") or {}).items():
+    for name in {*files, *sums}:
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            return f"{folder / COMMIT} names {name!r}, outside its folder"
+    for name, size in files.items():
         f = folder / name
         if not f.is_file() or f.stat().st_size != size:
             return f"{f} is {'missing' if not f.is_file() else f'{f.stat().st_size} bytes'}, {size} at commit"
+    if content and sums:
+        st = (folder / COMMIT).stat()
+        key = (str(folder.resolve()), st.st_mtime_ns, st.st_size)
+        if key not in _verified:
+            for name, want in sorted(sums.items()):
+                f = folder / name
+                got = digest(f) if f.is_file() else "missing"
+                if got != want:
+                    return f"{f} has changed since its commit (sha256 {got[:12]}, {str(want)[:12]} at commit)"
+            _verified[key] = None
     return None
 
 
-def latest(root: Path, warn: bool = True) -> Optional[Path]:
-    """The newest valid committed checkpoint: the one answer to "which checkpoint is latest"."""
+def latest(root: Path, warn: bool = True, content: bool = True) -> Optional[Path]:
+    """The newest valid committed checkpoint (content-checked unless `content=False`): the one answer to "which
+    checkpoint is latest"."""
     for p in reversed(list_checkpoints(root)):
-        why = invalid(p)
+        why = invalid(p, content)
         if why is None:
             return p
         if warn:
@@ -257,11 +333,43 @@ def broadcast(obj, src: int = 0):
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_if_changed(path: Path, text: str) -> bool:
+    """Write `text` to `path` atomically (tmp + fsync + rename) only if its content differs: a full disk can then
+    fail the write but never truncate what was there. Returns whether it wrote."""
+    path = Path(path)
+    try:
+        if path.read_text() == text:
+            return False
+    except (OSError, UnicodeDecodeError):
+        pass
+    _atomic_write(path, text)
+    return True
+
+
+def bookkeeping(path: Path, text: str) -> None:
+    """A write nothing depends on (a pointer for people): a failure is a warning, not the end of the run."""
+    try:
+        write_if_changed(path, text)
+    except OSError as e:
+        _log(f"WARNING: could not write {path} ({e.strerror or e}); carrying on without it")
+
+
+def _owned(name: str) -> int:
+    """The rank that wrote (and fsyncs and hashes) a checkpoint file: rank_R.pt and DeepSpeed's *pp_rank_R_* are
+    rank R's, everything else rank 0's."""
+    m = re.fullmatch(r"rank_(\d+)\.pt", name) or re.search(r"pp_rank_(\d+)_", name)
+    return int(m.group(1)) if m else 0
 
 
 def _fsync(path: Path) -> None:
@@ -290,6 +398,8 @@ class Checkpointer:
         self.root, self.cfg, self.rank, self.world_size = Path(root), cfg, rank, world_size
         self._pending: Optional[tuple[Path, dict, threading.Thread]] = None
         self._error: list[BaseException] = []
+        self._rank_sum: Optional[str] = None  # sha256 of this rank's file, computed as it was written
+        self.fence = None  # () -> why this process lost the run folder's lease (runlock.Lease.lost), or None
         self.last_save_s = 0.0
 
     # ---- finding ------------------------------------------------------------------------------
@@ -310,6 +420,9 @@ class Checkpointer:
                 if not committed(target):
                     raise FileNotFoundError(f"checkpoint.resume={mode}: not a committed checkpoint folder "
                                             f"(missing {target / COMMIT})")
+                why = invalid(target, content=True)
+                if why:
+                    raise ConfigError(f"checkpoint.resume={mode}: this checkpoint cannot be resumed: {why}")
                 if self.branched_from() == str(target) and list_checkpoints(self.root):
                     _log(f"checkpoint.resume={mode}: this run folder already branched from it "
                          f"({self.root / BRANCH}); continuing the branch from its latest checkpoint")
@@ -318,6 +431,14 @@ class Checkpointer:
                     self.branch(target)
             if mode == "auto":
                 target = latest(self.root)
+                found = list_checkpoints(self.root)
+                if target is None and found:
+                    why = "; ".join(f"{p.name}: {invalid(p, True)}" for p in found)
+                    raise ConfigError(
+                        f"checkpoint.resume=auto: {self.root} holds {len(found)} committed checkpoint(s) but none is "
+                        f"readable ({why}); refusing to start again from step 0 over them. Restore them (or point "
+                        f"checkpoint.resume at a good copy), or start afresh in this folder with "
+                        f"checkpoint.resume=never run.overwrite=true (they are moved aside, not deleted)")
             target = str(target) if target else None
         target = broadcast(target)
         return Path(target) if target else None
@@ -338,7 +459,7 @@ class Checkpointer:
         if newer:
             aside.mkdir(exist_ok=True)
             for p in newer:
-                os.replace(p, aside / p.name)
+                _move_with_companions(p, aside)
             _log(f"checkpoint.resume={target}: a new branch; the {len(newer)} later checkpoint folder(s) "
                  f"{', '.join(p.name for p in newer)} moved to {aside}")
         _atomic_write(self.root / BRANCH, json.dumps({"from": str(target), "time": time.time(),
@@ -346,9 +467,9 @@ class Checkpointer:
         self._point_latest()
 
     def _point_latest(self) -> None:
-        newest = latest(self.root, warn=False)
+        newest = latest(self.root, warn=False, content=False)
         if newest is not None:
-            _atomic_write(self.root / "latest", newest.name + "\n")
+            bookkeeping(self.root / "latest", newest.name + "\n")
 
     @property
     def pending(self) -> bool:
@@ -360,16 +481,20 @@ class Checkpointer:
         self.commit()  # at most one save in flight
         t0 = time.perf_counter()
         folder = self.root / tag(step)
+        short = broadcast(self.space_short(folder) if self.rank == 0 else None)
+        if short:
+            raise CheckpointWriteError(short)
         if self.rank == 0 and committed(folder):  # never write into a committed checkpoint
             aside = self.root / f"branched-{time.strftime('%Y%m%d-%H%M%S')}"
             aside.mkdir(exist_ok=True)
-            os.replace(folder, aside / folder.name)
+            _move_with_companions(folder, aside)
             _log(f"WARNING: {folder} was committed already (another line of history); moved to {aside}")
         _barrier()
-        engine.save_checkpoint(str(self.root), tag=tag(step), save_latest=False)
-        faults.maybe_kill("kill_in_save", step, self.rank)
-        if self.rank == 0:
-            _atomic_write(folder / "trainer.json", json.dumps(trainer_state, indent=1, default=str))
+        with self._writing(folder):
+            engine.save_checkpoint(str(self.root), tag=tag(step), save_latest=False)
+            faults.maybe_kill("kill_in_save", step, self.rank)
+            if self.rank == 0:
+                _atomic_write(folder / "trainer.json", json.dumps(trainer_state, indent=1, default=str))
         if self.cfg.async_buffer:
             thread = threading.Thread(target=self._write_rank_file, args=(folder, rank_state), daemon=True)
             thread.start()
@@ -380,16 +505,58 @@ class Checkpointer:
         self.last_save_s = time.perf_counter() - t0
         return folder
 
+    def space_short(self, folder: Path) -> Optional[str]:
+        """Why there is not room for the next checkpoint (its size estimated from the last one), or None."""
+        last = next(iter(list_checkpoints(self.root)[-1:]), None)
+        try:
+            size = sum(json.loads((last / COMMIT).read_text()).get("files", {}).values()) if last else 0
+            free = shutil.disk_usage(self.root).free
+        except (OSError, ValueError, AttributeError, TypeError):
+            return None
+        need = int(size * SPACE_MARGIN)
+        if free >= need:
+            return None
+        return (f"not enough free space to save {folder}: about {need} bytes needed ({last.name} took {size}), "
+                f"{free} free on the filesystem holding {self.root}. Nothing was written and the committed "
+                f"checkpoints are untouched; free space there (or lower checkpoint.keep_last) and relaunch to resume "
+                f"from {last.name}")
+
+    @contextmanager
+    def _writing(self, folder: Path):
+        """An error while writing a checkpoint (a full disk: OSError, or torch.save's RuntimeError from its C++
+        stream) becomes CheckpointWriteError in words."""
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            raise CheckpointWriteError(self._write_failed(folder, e)) from e
+
+    def _write_failed(self, folder: Path, e: BaseException) -> str:
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError:
+            free = None
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < 1 << 20)
+        why = getattr(e, "strerror", None) or f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        good = latest(self.root, warn=False, content=False)
+        return (f"rank {self.rank}: writing checkpoint {folder} failed"
+                + (f": the filesystem holding {self.root} is full ({free} bytes free)" if full else
+                   f" ({free if free is not None else 'unknown'} bytes free on the filesystem holding {self.root})")
+                + f"; the error was {why} ({getattr(e, 'filename', None) or folder}). It is not committed (moved "
+                f"aside at the next start); the committed checkpoints are untouched"
+                + (f", the newest is {good.name}" if good else "") + ". Free space there and relaunch to resume")
+
     def _write_rank_file(self, folder: Path, state: dict) -> None:
         try:
-            _save_file(state, folder / f"rank_{self.rank:05d}.pt")
+            f = folder / f"rank_{self.rank:05d}.pt"
+            _save_file(state, f)
+            self._rank_sum = digest(f)
         except BaseException as e:  # surfaced at commit time, never lost silently
             self._error.append(e)
 
     def commit(self, healthy: bool = True, finite: bool = True) -> Optional[Path]:
-        """Every rank's files complete and fsynced -> barrier -> rank 0 writes COMMITTED (with the guard's
-        `healthy`, whether the weights were `finite`, every file's size), fsyncs the folders, moves `latest`,
-        prunes."""
+        """Every rank's files complete, fsynced and hashed -> barrier -> rank 0 writes COMMITTED (with the guard's
+        `healthy`, whether the weights were `finite`, every file's size and sha256), fsyncs the folders, moves
+        `latest`, prunes. Refused (fence) when this process no longer holds the run folder's lease."""
         if self._pending is None:
             return None
         folder, _, thread = self._pending
@@ -397,24 +564,44 @@ class Checkpointer:
         if thread is not None:
             thread.join()
         if self._error:
-            raise RuntimeError(f"writing {folder}/rank_{self.rank:05d}.pt failed") from self._error.pop()
-        for f in folder.rglob("*"):  # each rank its own files (rank 0 the shared ones too) on disk before the commit
-            if f.is_file() and (self.rank == 0 or f"pp_rank_{self.rank}_" in f.name or f.name == f"rank_{self.rank:05d}.pt"):
-                _fsync(f)
-        _barrier()
+            e = self._error.pop()
+            if isinstance(e, (OSError, RuntimeError)):
+                raise CheckpointWriteError(self._write_failed(folder, e)) from e
+            raise RuntimeError(f"writing {folder}/rank_{self.rank:05d}.pt failed") from e
+        with self._writing(folder):
+            sums = {}
+            for f in sorted(folder.rglob("*")):  # each rank its own files (rank 0 the shared ones)
+                if f.is_file() and _owned(f.name) == self.rank:
+                    _fsync(f)
+                    name = str(f.relative_to(folder))
+                    sums[name] = self._rank_sum if f.name == f"rank_{self.rank:05d}.pt" and self._rank_sum else digest(f)
+            self._rank_sum = None
+            if dist.is_available() and dist.is_initialized():
+                every = [None] * dist.get_world_size()
+                dist.all_gather_object(every, sums)
+                sums = {k: v for d in every for k, v in d.items()}
+            lost = broadcast(self.fence() if self.rank == 0 and self.fence else None)  # also the barrier
+            if lost:
+                raise RuntimeError(f"not committing {folder}: {lost}; another process may be writing {self.root}")
+            if self.rank == 0:
+                missing = [r for r in range(self.world_size) if not (folder / f"rank_{r:05d}.pt").exists()]
+                if missing:
+                    raise RuntimeError(f"checkpoint {folder} lacks the files of ranks {missing}; not committed")
+                files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMMIT)
+                names = [str(f.relative_to(folder)) for f in files]
+                unhashed = [n for n in names if n not in sums]
+                if unhashed:  # a file no rank claimed (a shared filesystem's late arrival): rank 0 hashes it
+                    sums.update({n: digest(folder / n) for n in unhashed})
+                for d in {f.parent for f in files} | {folder}:
+                    _fsync(d)
+                _atomic_write(folder / COMMIT, json.dumps({
+                    "step": step_of(folder), "world_size": self.world_size, "time": time.time(),
+                    "healthy": bool(healthy), "finite": bool(finite),
+                    "files": {n: f.stat().st_size for n, f in zip(names, files)},
+                    "sha256": {n: sums[n] for n in names}}))
+                _fsync(folder)
+                _fsync(self.root)
         if self.rank == 0:
-            missing = [r for r in range(self.world_size) if not (folder / f"rank_{r:05d}.pt").exists()]
-            if missing:
-                raise RuntimeError(f"checkpoint {folder} lacks the files of ranks {missing}; not committed")
-            files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMMIT)
-            for d in {f.parent for f in files} | {folder}:
-                _fsync(d)
-            _atomic_write(folder / COMMIT, json.dumps({
-                "step": step_of(folder), "world_size": self.world_size, "time": time.time(),
-                "healthy": bool(healthy), "finite": bool(finite),
-                "files": {str(f.relative_to(folder)): f.stat().st_size for f in files}}))
-            _fsync(folder)
-            _fsync(self.root)
             self.prune()
             self._point_latest()
         _barrier()
@@ -427,13 +614,21 @@ class Checkpointer:
             keep |= {p for p in found if step_of(p) % self.cfg.keep_every == 0}
         for p in found:
             if p not in keep:
-                shutil.rmtree(p, ignore_errors=True)
+                _remove_with_companions(p)
 
     # ---- rolling back -------------------------------------------------------------------------
     def rollback_target(self) -> Optional[Path]:
-        """The newest healthy checkpoint this world size wrote (rank 0 decides, everyone agrees)."""
-        found = healthy_checkpoints(self.root, self.world_size) if self.rank == 0 else []
-        target = broadcast(str(found[-1]) if found else None)
+        """The newest healthy checkpoint this world size wrote whose content is intact (rank 0 decides, everyone
+        agrees)."""
+        target = None
+        if self.rank == 0:
+            for p in reversed(healthy_checkpoints(self.root, self.world_size)):
+                why = invalid(p, content=True)
+                if why is None:
+                    target = str(p)
+                    break
+                _log(f"WARNING: not rolling back to {p.name}: {why}")
+        target = broadcast(target)
         return Path(target) if target else None
 
     def discard_after(self, folder: Path) -> None:
@@ -442,18 +637,35 @@ class Checkpointer:
             step = step_of(folder)
             for p in self.root.iterdir():
                 if p.is_dir() and (step_of(p) or -1) > step:
-                    shutil.rmtree(p, ignore_errors=True)
+                    _remove_with_companions(p)
             self._point_latest()
         _barrier()
 
     def write_trainer_state(self, folder: Path, state: dict) -> None:
-        """Rank 0 rewrites trainer.json (after a rollback: the guard's rollbacks and remedies, for a later resume)."""
+        """Rank 0 records trainer state that belongs to a committed `folder` but came later (after a rollback to it:
+        the guard's rollbacks and remedies) beside it, in step_N.rollback.json keyed to its commit; the committed
+        trainer.json is never rewritten. A write that fails (a full disk) is a warning: the rollback goes on."""
         if self.rank == 0:
-            _atomic_write(folder / "trainer.json", json.dumps(state, indent=1, default=str))
+            side = Path(folder).with_name(Path(folder).name + ROLLBACK)
+            try:
+                write_if_changed(side, json.dumps({"commit": commit_key(folder), "state": state}, indent=1,
+                                                  default=str))
+            except OSError as e:
+                _log(f"WARNING: could not write {side} ({e.strerror or e}): a relaunch before the next commit "
+                     f"resumes at {Path(folder).name} without this rollback's remedies")
 
     # ---- loading ------------------------------------------------------------------------------
     @staticmethod
     def read_trainer_state(folder: Path) -> dict:
+        """trainer.json, or the state recorded beside the step after a rollback to it (if it is keyed to this
+        very commit of the folder)."""
+        folder = Path(folder)
+        try:
+            side = json.loads(folder.with_name(folder.name + ROLLBACK).read_text())
+            if isinstance(side, dict) and side.get("commit") == commit_key(folder) and isinstance(side.get("state"), dict):
+                return side["state"]
+        except (OSError, ValueError):
+            pass
         return json.loads((folder / "trainer.json").read_text())
 
     @staticmethod

@@ -13,6 +13,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ebmscale.log import get_logger
+
+log = get_logger(__name__)
+
 WRITE_EVERY_S = 1.0
 
 
@@ -37,9 +41,12 @@ class Heartbeat:
         if changed or now - self._written >= WRITE_EVERY_S:
             self._written = now
             tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps({"rank": self.rank, "host": self.host, "pid": self.pid, "step": step,
-                                       "phase": phase, "step_s": self.step_s, "time": time.time()}))
-            os.replace(tmp, self.path)
+            try:  # bookkeeping: a full disk is the next save's error, not this one's
+                tmp.write_text(json.dumps({"rank": self.rank, "host": self.host, "pid": self.pid, "step": step,
+                                           "phase": phase, "step_s": self.step_s, "time": time.time()}))
+                os.replace(tmp, self.path)
+            except OSError as e:
+                log.warning(f"could not write {self.path} ({e.strerror or e}); carrying on")
 
     def patience(self, floor_s: float) -> float:
         """How long this rank may stay silent before it counts as stuck: its own pace, at least floor_s."""

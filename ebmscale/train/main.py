@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import deepspeed
@@ -28,7 +29,8 @@ from ebmscale.log import get_logger, setup as setup_logging
 from ebmscale.models import build_model
 from ebmscale.tracking import build_tracker, pictures
 from ebmscale.train import runlock, stop
-from ebmscale.train.checkpoint import Checkpointer, broadcast, fingerprint, restore, trust_pickles  # noqa: F401 (fingerprint: tests)
+from ebmscale.train.checkpoint import (UNIVERSAL, Checkpointer, CheckpointWriteError, bookkeeping, broadcast,  # noqa: F401
+                                       commit_key, fingerprint, restore, trust_pickles, write_if_changed)  # (fingerprint: tests)
 from ebmscale.precision import compute_dtype
 from ebmscale.train.ds_config import build_ds_config
 from ebmscale.train.entry import train_main
@@ -66,7 +68,7 @@ def prepare_run_dir(cfg, out: Path) -> None:
     saved = out / "config.yaml"
     if saved.exists() and has_ckpt and cfg.checkpoint.resume != "never":
         check_frozen(cfg, out)
-    (out / "config.yaml").write_text(to_yaml(cfg))
+    write_if_changed(saved, to_yaml(cfg))  # atomic, and only when it changes: a full disk cannot truncate it
 
 
 def check_frozen(cfg, run: Path) -> None:
@@ -106,28 +108,58 @@ def all_hosts() -> str:
     return ",".join(sorted(set(hosts)))
 
 
-def to_universal(folder: Path, rank: int) -> Path:
-    """ZeRO optimizer shards -> DeepSpeed's universal checkpoint (world-size independent)."""
-    out = folder.parent / f"{folder.name}_universal"
+def _marker(path: Path) -> dict:
+    try:
+        m = json.loads(path.read_text())
+        return m if isinstance(m, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def to_universal(folder: Path, rank: int, timeout_s: float = 3600.0) -> Path:
+    """ZeRO optimizer shards -> DeepSpeed's universal checkpoint (world-size independent) in step_N_universal/.
+
+    Its markers (COMPLETE, FAILED) name the commit they were made from (`commit_key`) and the attempt: a folder
+    converted from another commit (another branch's step N, an older save) or left FAILED by an earlier attempt is
+    stale, ignored and replaced by rank 0. The other ranks wait on the markers, not in a collective (a large
+    conversion outlasts the collective timeout), for at most `timeout_s`, then fail naming rank 0."""
+    out = folder.with_name(folder.name + UNIVERSAL)
     done, failed = out / "COMPLETE", out / "FAILED"
-    if rank == 0 and not done.exists():
+    key = commit_key(folder)
+    attempt = None
+    if rank == 0 and _marker(done).get("source") != key:
+        attempt = uuid.uuid4().hex
+        if out.exists():
+            log(f"{out.name}: made from another commit or unfinished; converting again")
+            shutil.rmtree(out)
+    if dist.is_initialized():
+        attempt = broadcast(attempt)  # after rank 0 cleared stale markers: the others wait for this attempt's
+    if rank == 0 and attempt:
         log(f"converting {folder.name} to a universal checkpoint for a new world size")
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder),
                "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1",
                "--inject_missing_state"]
-        failed.unlink(missing_ok=True)
+        mark = json.dumps({"source": key, "attempt": attempt})
         try:
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         except BaseException:
             out.mkdir(parents=True, exist_ok=True)
-            failed.touch()
+            bookkeeping(failed, mark)
             raise
-        done.touch()
-    # the other ranks wait on the marker, not in a collective: a large conversion outlasts the collective timeout
-    while not (done.exists() or failed.exists()):
-        time.sleep(2)
-    if failed.exists():
-        raise RuntimeError(f"rank 0 could not convert {folder} to a universal checkpoint (see its log)")
+        write_if_changed(done, mark)
+    t0, since = time.monotonic(), time.time() - 1
+    while True:
+        if _marker(done).get("source") == key:
+            break
+        bad = _marker(failed)
+        if bad.get("source") == key and (bad.get("attempt") == attempt if attempt else failed.stat().st_mtime >= since):
+            raise RuntimeError(f"rank 0 could not convert {folder} to a universal checkpoint (see its log)")
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"rank {rank}: rank 0 did not finish converting {folder} to a universal checkpoint "
+                               f"within {timeout_s:.0f} s (no COMPLETE or FAILED marker for this commit in {out}); "
+                               f"see rank 0's log; if the conversion is only slow, raise "
+                               f"checkpoint.universal_timeout_s")
+        time.sleep(min(2.0, max(0.05, timeout_s / 20)))
     if dist.is_initialized():
         dist.barrier()
     return out
@@ -141,8 +173,12 @@ def settle_precision(cfg, d: distributed.Dist, out: Path, checkpoint_precision) 
     cfg.train.precision = res.precision
     if d.rank != 0:
         return res
-    (out / "config.yaml").write_text(to_yaml(cfg))
-    (out / "precision.json").write_text(json.dumps(dataclasses.asdict(res), indent=1))
+    try:
+        write_if_changed(out / "config.yaml", to_yaml(cfg))
+    except OSError as e:
+        raise SystemExit(f"ebmscale: cannot write {out / 'config.yaml'}: {e.strerror or e}; the one there is "
+                         f"unchanged. Free space in {out} and launch again") from None
+    bookkeeping(out / "precision.json", json.dumps(dataclasses.asdict(res), indent=1))
     log(f"precision {res.precision} (train.precision={res.requested}): {res.reason}")
     if res.warning:
         log(f"WARNING: {res.warning}")
@@ -186,20 +222,25 @@ def main(cfg) -> stop.Outcome:
     out = run_dir(cfg).resolve()
     held = take_run_folder(out, d.rank)
     try:
-        return _main(cfg, d, out)
+        return _main(cfg, d, out, held)
     finally:
         if held:
             runlock.release(out, held)
 
 
-def _main(cfg, d, out: Path) -> stop.Outcome:
+def _main(cfg, d, out: Path, held=None) -> stop.Outcome:
     torch.set_num_threads(cfg.train.threads or distributed.cpu_threads(d.local_world_size, cfg.data.workers))
     if d.rank == 0:
-        prepare_run_dir(cfg, out)
+        try:
+            prepare_run_dir(cfg, out)
+        except OSError as e:
+            raise SystemExit(f"ebmscale: cannot write the run folder {out}: {e.strerror or e} ({e.filename}); nothing "
+                             f"in it was changed. Free space there (or fix its permissions) and launch again") from None
     if dist.is_initialized():
         dist.barrier()
     trust_pickles(cfg.checkpoint.trust_pickles)
     ckpt = Checkpointer(out / "checkpoints", cfg.checkpoint, d.rank, d.world_size)
+    ckpt.fence = held.lost if held is not None else None
     resume = ckpt.resume_target()
     prev = Checkpointer.read_trainer_state(resume) if resume else None
     parent = fork_parent(resume, out)
@@ -210,7 +251,7 @@ def _main(cfg, d, out: Path) -> stop.Outcome:
     ds_cfg = build_ds_config(cfg, d.world_size)
     load_dir = resume
     if prev and prev["world_size"] != d.world_size and cfg.train.zero_stage > 0:
-        load_dir = to_universal(resume, d.rank)
+        load_dir = to_universal(resume, d.rank, cfg.checkpoint.universal_timeout_s)
         ds_cfg["checkpoint"] = {"load_universal": True}
     engine = build_engine(cfg, d.rank, ds_cfg)
     buffer = build_buffer(cfg, engine.device)
@@ -245,6 +286,10 @@ def _main(cfg, d, out: Path) -> stop.Outcome:
         _log.error(f"rank {d.rank}: run FAILED: {e}")
         tracker.finish("FAILED", reason=str(e))
         raise
+    except CheckpointWriteError as e:  # a full disk: said in words, no traceback
+        _log.error(f"run FAILED: {e}")
+        tracker.finish("FAILED", reason=str(e))
+        raise SystemExit(f"ebmscale: run stopped: {e}") from None
     except BaseException:
         tracker.finish("FAILED")
         raise

@@ -184,8 +184,11 @@ class Trainer:
                     eta = (steps - self.step) * (time.perf_counter() - t0) / done if done > 0 else None
                     print(progress_line(self.step, steps, metrics, eta, self.cfg.train.precision), flush=True)
                 self.tracker.log_metrics(metrics, step=self.step)
-                with open(self.run_dir / "logs" / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+                try:  # bookkeeping: a full disk is the next save's error (in words), not this one's
+                    with open(self.run_dir / "logs" / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+                except OSError as e:
+                    log.warning(f"could not append to {self.run_dir / 'logs' / 'metrics.jsonl'} ({e.strerror or e})")
         if self.rank == 0 and (self.step % t_cfg.sample_every == 0 or self.step == steps):
             self.log_pictures(out)
         if frames:
