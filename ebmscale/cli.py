@@ -14,7 +14,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-from ebmscale import __version__
+from ebmscale import __version__, program
 
 COMMANDS = {  # name: (module, function, summary)
     "launch": ("ebmscale.launch.cli", "launch_main", "train on SLURM, or --local on this machine"),
@@ -28,8 +28,9 @@ COMMANDS = {  # name: (module, function, summary)
 
 
 def usage() -> str:
-    listing = "\n".join(f"  {name:<12} {summary}" for name, (_, _, summary) in COMMANDS.items())
-    return f"usage: ebmscale COMMAND [options]   (ebmscale COMMAND --help)\n\ncommands:\n{listing}\n"
+    listing = "\n".join(f"  {name:<15} {summary}" for name, (_, _, summary) in COMMANDS.items())
+    me = program.invoked_as()
+    return f"usage: {me} COMMAND [options]   ({me} COMMAND --help)\n\ncommands:\n{listing}\n"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -44,7 +45,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"ebmscale: unknown command '{argv[0]}'\n\n{usage()}", file=sys.stderr)
         return 2
     module, function, _ = COMMANDS[argv[0]]
-    sys.argv[0] = f"ebmscale {argv[0]}"  # what argparse shows as the program name
+    program.enter(argv[0])  # what --help shows: `ebmscale launch`, `python -m ebmscale launch`
     code = getattr(importlib.import_module(module), function)(argv[1:])
     return 0 if code is None else int(code)
 

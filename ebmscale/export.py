@@ -26,6 +26,7 @@ import ebmscale
 from ebmscale.eval.loading import load_energy_model, load_exported, load_model, resolve_checkpoint  # noqa: F401
 from ebmscale.models import count_parameters
 from ebmscale.models.pretrained import CARD, CONFIG, WEIGHTS, is_exported, load_pretrained, read_config  # noqa: F401
+from ebmscale.program import prog
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -106,7 +107,7 @@ def export(src: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="ebmscale export", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog(), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run folder (newest healthy committed checkpoint) or a checkpoint folder")
     p.add_argument("out", help="the folder to write")
