@@ -6,6 +6,7 @@
     ebmscale evaluate fid s.npz ...           FID / IS / accuracy / OOD / restoration
     ebmscale export runs/digits out/          model.safetensors + config.json + model card
     ebmscale make-shards digits data/digits   images -> WebDataset shards
+    ebmscale configs digits train.steps=9    the shipped configs; one of them resolved as launch would run it
     ebmscale bench langevin                   the benchmarks of ebmscale/bench
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ COMMANDS = {  # name: (module, function, summary)
     "evaluate": ("ebmscale.commands.evaluate", "main", "FID, IS, accuracy, OOD, restoration"),
     "export": ("ebmscale.export", "main", "a run's model as model.safetensors + config.json + model card"),
     "make-shards": ("ebmscale.commands.make_shards", "main", "images -> WebDataset shards + manifest.json"),
+    "configs": ("ebmscale.commands.configs", "main", "the shipped configs; one resolved with overrides"),
     "bench": ("ebmscale.commands.bench", "main", "benchmarks (ebmscale/bench/README.md)"),
 }
 

@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import yaml
+
 from conftest import ROOT
 from ebmscale.cli import COMMANDS, main
 
@@ -10,7 +12,7 @@ from ebmscale.cli import COMMANDS, main
 def test_usage_lists_every_command(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in ("launch", "status", "sample", "evaluate", "export", "make-shards", "bench"))
+    assert all(f"  {name} " in out for name in COMMANDS)
     assert main(["nope"]) == 2 and "unknown command 'nope'" in capsys.readouterr().err
 
 
@@ -48,6 +50,25 @@ def test_launch_dry_run_by_config_name(tmp_path, digits_shards):
 
 
 def test_tools_are_wrappers():
-    for tool in ("sample", "evaluate", "status", "make_shards", "bench", "export"):
+    for tool in ("sample", "evaluate", "status", "make_shards", "bench", "export", "configs"):
         text = (ROOT / "tools" / f"{tool}.py").read_text()
         assert len(text.splitlines()) < 15 and "import main" in text, tool
+
+
+def test_configs_lists_each_shipped_config_with_its_first_comment(capsys):
+    assert main(["configs"]) == 0
+    out = capsys.readouterr().out
+    for f in sorted((ROOT / "configs").glob("*.yaml")):
+        first = next(line for line in f.read_text().splitlines() if line.startswith("#")).lstrip("#").strip()
+        assert f"  {f.stem} " in out and first in out, f.stem
+
+
+def test_configs_prints_one_resolved_with_its_recipe_and_overrides(capsys):
+    assert main(["configs", "digits", "train.steps=7", "recipe=paper"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["train"]["steps"] == 7 and cfg["recipe"] == "paper"
+    assert cfg["model"]["residual"] == "release" and cfg["buffer"]["codec"] == "release"  # the recipe's, not null
+    assert cfg["data"]["batch_size"] == 32  # configs/digits.yaml over base.yaml
+    assert main(["configs", "digits", "train.stepz=3"]) == 2
+    assert "train.stepz" in capsys.readouterr().err
+    assert main(["configs", "nope"]) == 2 and "digits" in capsys.readouterr().err  # names the shipped ones
