@@ -25,6 +25,7 @@ COMMANDS = {  # name: (module, function, summary)
     "export": ("ebmscale.export", "main", "a run's model as model.safetensors + config.json + model card"),
     "make-shards": ("ebmscale.commands.make_shards", "main", "images -> WebDataset shards + manifest.json"),
     "configs": ("ebmscale.commands.configs", "main", "the shipped configs; one resolved with overrides"),
+    "compare-recipes": ("ebmscale.commands.compare_recipes", "main", "paper vs ebmscale vs icd on the digits demo"),
     "bench": ("ebmscale.commands.bench", "main", "benchmarks (ebmscale/bench/README.md)"),
 }
 

@@ -72,3 +72,11 @@ def test_configs_prints_one_resolved_with_its_recipe_and_overrides(capsys):
     assert main(["configs", "digits", "train.stepz=3"]) == 2
     assert "train.stepz" in capsys.readouterr().err
     assert main(["configs", "nope"]) == 2 and "digits" in capsys.readouterr().err  # names the shipped ones
+
+
+def test_compare_recipes_subcommand_runs_the_tool_with_its_arguments(capsys, tmp_path):
+    (tmp_path / "digits_classifier.pt").touch()  # present: the dry run does not plan its training
+    assert main(["compare-recipes", "--dry-run", "--recipes", "paper", "--seeds", "3", "--out", str(tmp_path / "c"),
+                 "--classifier", str(tmp_path / "digits_classifier.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "run.seed=3" in out and "recipe=paper" in out and "recipe=icd" not in out and "digits-classifier" not in out
