@@ -6,7 +6,8 @@
     ebmscale evaluate fid s.npz ...           FID / IS / accuracy / OOD / restoration
     ebmscale export runs/digits out/          model.safetensors + config.json + model card
     ebmscale make-shards digits data/digits   images -> WebDataset shards
-    ebmscale configs digits train.steps=9    the shipped configs; one of them resolved as launch would run it
+    ebmscale configs digits train.steps=9     the shipped configs; one of them resolved as launch would run it
+    ebmscale compare-recipes --minutes 10     paper vs ebmscale vs icd on the digits demo (tools/compare_recipes.py)
     ebmscale bench langevin                   the benchmarks of ebmscale/bench
 """
 from __future__ import annotations
