@@ -4,7 +4,9 @@ OUT_DIR holds
   model.safetensors  the weights (spectral-norm vectors included), fp32 or bf16; no pickle
   config.json        {"model": the model section, "sampler": the training Langevin settings, "recipe": if the
                      config has one, "ebmscale": version, step, source checkpoint, training precision, dtype}
-  README.md          a model card: architecture, data, steps, recipe, evaluation figures, a sample grid
+  README.md          a model card: Hugging Face Hub front matter (license, library_name, tags, datasets when the
+                     data is a known Hub dataset), architecture, data, steps, recipe, evaluation figures, a sample
+                     grid; no paths or shard URLs, only the data folder's name (cifar10, digits)
   samples.png        the run's newest negatives grid, when it has one
 
 Loading (`EnergyModel.from_pretrained(OUT_DIR)`, `ebmscale.load_model(OUT_DIR)`; models/pretrained.py) needs torch,
@@ -16,9 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
+import yaml
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
@@ -26,8 +29,35 @@ import ebmscale
 from ebmscale.eval.loading import load_energy_model, load_exported, load_model, resolve_checkpoint  # noqa: F401
 from ebmscale.models import count_parameters
 from ebmscale.models.pretrained import CARD, CONFIG, WEIGHTS, is_exported, load_pretrained, read_config  # noqa: F401
+from ebmscale.program import prog
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+HUB_DATASETS = {"cifar10": "cifar10", "imagenet": "imagenet-1k"}  # a data folder's name (its prefix) -> Hub dataset
+
+
+def dataset_names(shards: str) -> list[str]:
+    """The data folders' names of a data.shards spec, never a path or URL: `/x/cifar10/train-{0..9}.tar` -> cifar10,
+    `pipe:aws s3 cp s3://b/imagenet32/train-{..}.tar -` -> imagenet32, `data/digits/manifest.json` -> digits."""
+    names = []
+    for spec in str(shards).split("::"):
+        paths = [t for t in spec.removeprefix("pipe:").split() if "/" in t] or spec.split()[-1:]
+        if not paths:
+            continue
+        path = PurePosixPath(paths[-1])
+        name = path.parent.name or path.name.split("{")[0].split("-")[0].removesuffix(".tar")
+        if name and not any(c in name for c in "{}:$?*") and name not in names:
+            names.append(name)
+    return names
+
+
+def _front_matter(cfg, names: list[str]) -> str:
+    """The Hugging Face Hub's model-card metadata."""
+    hub = sorted({v for n in names for k, v in HUB_DATASETS.items() if n.startswith(k)})
+    meta = {"license": "mit", "library_name": "ebmscale",
+            "tags": ["energy-based-model", "igebm", "langevin-dynamics", "image-generation",
+                     "class-conditional" if cfg.model.num_classes else "unconditional", "pytorch", "safetensors"],
+            **({"datasets": hub} if hub else {})}
+    return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n"
 
 
 def _eval_results(run: Path) -> list[dict]:
@@ -46,7 +76,8 @@ def _card(cfg, meta: dict, evals: list[dict], n_params: int, grid: bool) -> str:
     m, s, d = cfg.model, cfg.sampler, cfg.data
     e = meta["ebmscale"]
     cond = f"class-conditional, {m.num_classes} classes" if m.num_classes else "unconditional"
-    lines = [f"# {cfg.run.name}: an IGEBM energy model (ebmscale {e['version']})", "",
+    names = dataset_names(d.shards)
+    lines = [_front_matter(cfg, names), f"# {cfg.run.name}: an IGEBM energy model (ebmscale {e['version']})", "",
              f"An energy function E(x{', y' if m.num_classes else ''}) over {m.in_channels}x{m.resolution}x"
              f"{m.resolution} images in [0, 1] ({cond}); low energy = likely. Samples come from Langevin dynamics "
              "on E.", "",
@@ -55,10 +86,10 @@ def _card(cfg, meta: dict, evals: list[dict], n_params: int, grid: bool) -> str:
              f"- parameters: {n_params:,}",
              f"- weights: {WEIGHTS} ({e['dtype']}); trained in {e['precision']}",
              f"- training: {e['step']} steps, batch {d.batch_size} per rank, {e.get('world_size', '?')} ranks",
-             f"- data: `{d.shards}`",
+             f"- data: {', '.join(names) or 'not recorded'}",
              f"- Langevin (training): {s.steps} steps, step size {s.step_size}, noise {s.noise}, "
              f"dE/dx clip {s.grad_clip}",
-             f"- source checkpoint: `{e['checkpoint']}`"]
+             f"- source checkpoint: `checkpoints/{Path(e['checkpoint']).name}` of run {cfg.run.name}"]
     if "recipe" in meta:
         lines += ["", "## Recipe", "", "```json", json.dumps(meta["recipe"], indent=1), "```"]
     lines += ["", "## Evaluation", ""]
@@ -106,7 +137,7 @@ def export(src: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="ebmscale export", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog(), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run folder (newest healthy committed checkpoint) or a checkpoint folder")
     p.add_argument("out", help="the folder to write")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, train
+from test_model_card import front_matter, no_paths
 
 pytestmark = pytest.mark.slow
 
@@ -92,3 +93,11 @@ def test_bf16_export_and_sampling_from_an_exported_folder(exported, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     d = np.load(tmp_path / "s.npz")
     assert d["images"].shape == (10, 1, 16, 16) and int(d["step"]) == 2
+
+
+def test_model_card_front_matter_and_no_paths(exported):
+    card = (exported[1] / "README.md").read_text()
+    fm = front_matter(card)
+    assert fm["library_name"] == "ebmscale" and fm["license"] == "mit" and "energy-based-model" in fm["tags"]
+    assert "- data: " in card and str(exported[0]) not in card
+    no_paths(card)

@@ -1,8 +1,10 @@
 """ebmscale.log: one configuration point; timestamps and rank@host prefixes; ranks other than 0 quiet but for warnings."""
 import re
 import socket
+import warnings
 
 from ebmscale.log import get_logger, setup
+from ebmscale.train.main import quiet_unactionable_warnings
 
 
 def test_rank_prefix_timestamps_and_quiet_ranks(capsys, monkeypatch):
@@ -31,3 +33,14 @@ def test_data_modules_log_through_it(capsys):
     setup(0)
     logging.getLogger("ebmscale.data").warning("a corrupt sample")  # data/stream.py's logger was never configured
     assert "[ebmscale] a corrupt sample" in capsys.readouterr().err
+
+
+def test_only_the_unactionable_warning_is_quiet():
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_unactionable_warnings()
+        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning)
+        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", UserWarning)
+        warnings.warn("`torch.distributed.something_else` is deprecated.", FutureWarning)
+    assert [(w.category, str(w.message).split(" ")[0]) for w in seen] == [
+        (UserWarning, "`torch.distributed.all_gather_into_tensor`"), (FutureWarning, "`torch.distributed.something_else`")]

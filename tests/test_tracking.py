@@ -90,6 +90,8 @@ def test_server_outage_loses_nothing(mlflow_server, tmp_path, capfd):
         a.log_metrics({"loss": s}, s)
     mlflow_server.stop()  # a crash, while a's sender is still at it
     b = launch(cfg, tmp_path / "b")  # a launch while the store is down
+    assert a.describe() == f"MLflow run {a.run_id} at {mlflow_server.url}"  # the start line's words
+    assert b.describe() == f"MLflow run: opening at {mlflow_server.url} (its id follows when the store answers)"
     for s in range(6, 16):
         t0 = time.monotonic()
         a.log_metrics({"loss": s}, s)
@@ -108,7 +110,9 @@ def test_server_outage_loses_nothing(mlflow_server, tmp_path, capfd):
         assert mlflow_server.metric_steps(t.run_id, "loss") == list(range(first, 16))
         assert get_run(mlflow_server, t.run_id)[0]["info"]["status"] == "FINISHED"
     assert any("samples+step+10+" in p for p in mlflow_server.artifacts(a.run_id, "images"))
-    err = capfd.readouterr().err
+    out, err = capfd.readouterr()
+    assert out.count(f"MLflow run {b.run_id} at {mlflow_server.url}") == 1  # the id that followed, once
+    assert f"MLflow run {a.run_id}" not in out  # a's start line said it already
     assert err.count("unreachable") == 2 and err.count("is back") == 2  # once per outage per tracker
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from ebmscale.program import prog  # noqa: E402
 
 # icd: with configs/digits.yaml's icd section (crop and brightness/contrast only) and two scales
 RECIPES = {"paper": ["recipe=paper"], "ebmscale": ["recipe=ebmscale"], "icd": ["recipe=icd", "model.scales=2"]}
@@ -117,7 +118,7 @@ def table(results: dict) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog(), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--minutes", type=float, default=10.0, help="training wall time per run, from its first step")

@@ -7,6 +7,7 @@ import sys
 
 import ebmscale.bench
 from ebmscale.config import ConfigError
+from ebmscale.program import prog
 
 
 SUMMARY = {
@@ -26,14 +27,14 @@ def main(argv=None):
     asked = argv[:1] in (["-h"], ["--help"])
     if asked or not argv or argv[0].replace("_", "-") not in names:
         listing = "\n".join(f"  {n:<11} {SUMMARY.get(n, '')}" for n in names)
-        print(f"usage: tools/bench.py NAME [options]   (tools/bench.py NAME --help for its options)\n\n"
+        print(f"usage: {prog()} NAME [options]   ({prog()} NAME --help for its options)\n\n"
               f"benchmarks:\n{listing}\n\nEach prints a table and writes JSON under runs/bench/; see "
               f"ebmscale/bench/README.md for the figures measured so far.", file=sys.stdout if asked else sys.stderr)
         if asked:
             return 0
         sys.exit(f"unknown benchmark '{argv[0]}'" if argv else 2)
     module = importlib.import_module(f"ebmscale.bench.{argv[0].replace('-', '_')}")
-    parser = argparse.ArgumentParser(prog=f"bench.py {argv[0]}", description=module.__doc__,
+    parser = argparse.ArgumentParser(prog=prog(argv[0]), description=module.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     if hasattr(module, "add_args"):
         module.add_args(parser)

@@ -33,6 +33,7 @@ from ebmscale.eval.paper import (PAPER, RELEASE_SAMPLING, markdown_table, releas
 from ebmscale.eval.restore import denoise, inpaint
 from ebmscale.export import is_exported
 from ebmscale.train.checkpoint import trust_pickles
+from ebmscale.program import prog
 
 
 def load_samples(path: str, run: str | None):
@@ -203,7 +204,7 @@ def cmd_paper(a) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog(), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", help="where the results go (default RUN/eval/<task>_step<step>.json)")

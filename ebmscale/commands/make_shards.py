@@ -20,6 +20,7 @@ import sys
 
 from ebmscale.data.sources import KINDS, open_source
 from ebmscale.data.writer import verify_shards, write_shards
+from ebmscale.program import prog
 
 DEFAULTS = {  # kind: (size, channels, format, num_shards, prefix)
     "digits": (16, 1, "png", 4, "digits"), "cifar10": (32, 3, "png", None, "train"),
@@ -40,7 +41,7 @@ def main(argv=None):
         if len(argv) != 2:
             sys.exit("usage: make_shards.py verify OUT_DIR")
         return verify(argv[1])
-    p = argparse.ArgumentParser(usage="%(prog)s KIND [SRC] OUT_DIR [options]", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog(), usage="%(prog)s KIND [SRC] OUT_DIR [options]", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("kind", choices=KINDS, metavar="KIND", help=f"one of {', '.join(KINDS)}")
     p.add_argument("paths", nargs="+", metavar="[SRC] OUT_DIR", help="source folder (cifar10: the batches "

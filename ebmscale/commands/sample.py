@@ -22,6 +22,7 @@ from ebmscale.eval.sample import sample_rounds
 from ebmscale.tracking.pictures import image_grid
 from ebmscale.export import is_exported
 from ebmscale.train.checkpoint import trust_pickles
+from ebmscale.program import prog
 
 
 def rank_world() -> tuple[int, int]:
@@ -66,7 +67,7 @@ def merge(out: Path, world: int, timeout_s: float, meta: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog(), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run folder (latest committed checkpoint), a checkpoint folder or an exported model "
                    "(`ebmscale export`; it has no replay buffer: --init noise)")
     p.add_argument("--per-class", type=int, default=10, help="samples per class (or total / 10 if unconditional)")

@@ -4,10 +4,11 @@ import json
 import sys
 
 from ebmscale.run_status import format_status, run_status
+from ebmscale.program import prog
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog=prog(), description=__doc__)
     p.add_argument("run", help="run folder")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--lines", type=int, default=10, help="log lines to show")

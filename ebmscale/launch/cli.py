@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 from omegaconf import OmegaConf
 
 from ebmscale.config import ConfigError, run_dir, to_yaml
+from ebmscale.program import prog
 from ebmscale.launch import checks, submit
 from ebmscale.launch.resolve import resolve_config
 from ebmscale.tracking import default_uri
@@ -34,7 +35,7 @@ checkpoint. See slurm/README.md."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tools/launch.py", description=DESCRIPTION,
+    p = argparse.ArgumentParser(prog=prog(), description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", metavar="CONFIG", help="experiment YAML, e.g. configs/digits.yaml")
     p.add_argument("overrides", metavar="key=value", nargs="*", help="config overrides, e.g. train.steps=100")

@@ -36,6 +36,7 @@ its log steps (system.py) and logs them as ordinary metrics.
 """
 import functools
 import json
+import logging
 import os
 import threading
 import time
@@ -111,6 +112,7 @@ class NullTracker:
     def close(self, timeout_s=5.0): pass
     def finish(self, status="FINISHED", timeout_s=None, reason=None): pass
     def state_dict(self): return {"run_id": None, "tracking_uri": None}
+    def describe(self): return "MLflow off (tracking.enabled=false)"
 
 
 class MlflowTracker:
@@ -118,6 +120,8 @@ class MlflowTracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # we retry ourselves, from the spool
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         import mlflow  # noqa: F401  (slow; only rank 0 pays, here rather than in the sender thread)
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database
+        # tables...", "Updating database tables": a new sqlite store's first open, nothing for the user to do
         self.cfg, self.run_dir, self.run_name = cfg, Path(run_dir), run_name
         self.tracking_uri = cfg.uri or default_uri(self.run_dir)
         saved = self._load()
@@ -145,6 +149,7 @@ class MlflowTracker:
         self._thread = self._client = None
         self._started, self._failures = False, set()
         self._down = False
+        self._id_lock, self._described = threading.Lock(), False  # the start line said the id, or that it follows
         self._retry_at, self._sent, self._dropped = 0.0, 0, 0
 
     @property
@@ -153,6 +158,14 @@ class MlflowTracker:
 
     def state_dict(self) -> dict:
         return {"run_id": self._run_id, "tracking_uri": self.tracking_uri}
+
+    def describe(self) -> str:
+        """For the start line: the run id, or that it follows (logged by the sender once the store made the run)."""
+        with self._id_lock:
+            self._described = self._run_id or True
+            if self._run_id:
+                return f"MLflow run {self._run_id} at {self.tracking_uri}"
+            return f"MLflow run: opening at {self.tracking_uri} (its id follows when the store answers)"
 
     # --- the training side: append to the spool, never touch the network
 
@@ -403,8 +416,12 @@ class MlflowTracker:
                 _warn(f"run {self._run_id} is not in {self.tracking_uri}; starting a new run")
         if run is None:
             run = c.create_run(self._experiment_id(c), start_time=r["ts"], run_name=r["run_name"])
-            self._run_id, old, restarts = run.info.run_id, {}, 0
+            with self._id_lock:
+                self._run_id, old, restarts = run.info.run_id, {}, 0
+                said = self._described not in (False, self._run_id)  # the start line said "opening" or another id
             self._save()
+            if said:
+                log.info(f"MLflow run {self._run_id} at {self.tracking_uri}")
         else:
             if run.info.status != "RUNNING":
                 c.update_run(self._run_id, status="RUNNING")

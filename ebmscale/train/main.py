@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import deepspeed
@@ -216,9 +217,17 @@ def take_run_folder(out: Path, rank: int):
     return held
 
 
+def quiet_unactionable_warnings() -> None:
+    """Warnings no user of ebmscale can act on: DeepSpeed's ZeRO calls torch's all_gather_into_tensor, which torch
+    2.x marks deprecated (FutureWarning) on every process. Only that message and category: any other stays."""
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
+
+
 def main(cfg) -> stop.Outcome:
     d = distributed.init(timeout_s=cfg.train.collective_timeout_s)
     setup_logging(d.rank)
+    quiet_unactionable_warnings()
     out = run_dir(cfg).resolve()
     held = take_run_folder(out, d.rank)
     try:
@@ -276,7 +285,7 @@ def _main(cfg, d, out: Path, held=None) -> stop.Outcome:
     tracker.start(params, out / "config.yaml", tags)
     if d.rank == 0:
         log(f"run folder {out}; step {trainer.step}/{cfg.train.steps}; world size {d.world_size}; "
-            f"MLflow run {tracker.run_id} at {tracker.tracking_uri}")
+            f"{tracker.describe()}")
     try:
         outcome = trainer.fit()
     except KeyboardInterrupt:
