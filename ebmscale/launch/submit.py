@@ -65,8 +65,10 @@ def slurm_parameters(cfg: DictConfig) -> Dict[str, Any]:
         time=lc.time_min,
         signal_delay_s=lc.signal_delay_s,
         stderr_to_stdout=True,
-        setup=setup_lines(cfg),
-        srun_args=["--kill-on-bad-exit=1"],
+        # srun does not inherit --cpus-per-task from sbatch on Slurm 22.05-23.02 (each rank would get one core, its
+        # loader workers included): the flag on submitit's srun line, and SRUN_CPUS_PER_TASK for any other srun
+        setup=[f"export SRUN_CPUS_PER_TASK={lc.cpus_per_task}", *setup_lines(cfg)],
+        srun_args=["--kill-on-bad-exit=1", f"--cpus-per-task={lc.cpus_per_task}"],
         additional_parameters={"requeue": True, "chdir": os.getcwd(), **extra},
     )
     if lc.gpus_per_node > 0:

@@ -31,6 +31,29 @@ from ebmscale.train.loss import cd_loss
 log = get_logger(__name__)
 
 
+def _partition(p: torch.nn.Parameter) -> torch.Tensor:
+    """The elements of a ZeRO-3 parameter this rank holds, without the padding of the last partition (torch.empty:
+    garbage, NaN at times)."""
+    part = p.ds_tensor.ds_numel
+    rank = dist.get_rank(group=p.ds_process_group) if dist.is_initialized() else 0
+    return p.ds_tensor.detach().view(-1)[:max(0, min(part, p.ds_numel - rank * part))]
+
+
+def weights_finite(module: torch.nn.Module, device, step: int = 0, rank: int = 0) -> bool:
+    """Whether every weight is finite on every rank: each rank sums the squares of what it holds (under ZeRO-3 its
+    partition `ds_tensor`, whatever stage3_param_persistence_threshold keeps whole; else the full replica), and one
+    all-reduce adds them, so every rank sees the whole weights and gives the same answer."""
+    held = [_partition(p) if hasattr(p, "ds_tensor") else p.detach() for p in module.parameters()]
+    if faults.active("nan_weight", step, rank):  # a NaN in this rank's share of the first weight it holds
+        next(t for t in held if t.numel()).view(-1)[0] = float("nan")
+        log.warning(f"fault injection: nan_weight at step {step} on rank {rank}")
+    norms = torch._foreach_norm([t for t in held if t.numel()])
+    sq = torch.stack(norms).float().pow(2).sum().to(device) if norms else torch.zeros((), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sq)
+    return bool(torch.isfinite(sq))
+
+
 class Trainer:
     def __init__(self, cfg, engine, buffer: ReplayBuffer, stream, tracker, checkpointer: Checkpointer,
                  rank: int, world_size: int, run_dir: Path, pictures=None, guard: Optional[Guard] = None):
@@ -323,8 +346,7 @@ class Trainer:
         retention still keeps the newest finite checkpoint)."""
         if self.ckpt.pending:
             self.heartbeat.beat(self.step, "commit")
-            params = [p.detach() for p in self.engine.module.parameters()]
-            finite = bool(torch.stack(torch._foreach_norm(params)).isfinite().all()) if params else True
+            finite = weights_finite(self.engine.module, self.device, self.step, self.rank)
             folder = self.ckpt.commit(healthy=self.guard.healthy(self.step), finite=finite)
             if folder is not None and self.rank == 0:  # recorded (and uploaded) only once committed
                 self.tracker.record_checkpoint(folder, step_of(folder))
