@@ -28,6 +28,8 @@ def test_zero3_at_persistence_threshold_0_trains_samples_commits_and_sees_a_nan_
     model, cfg, ck, step = load_energy_model(run)  # the consolidated weights: trained, finite
     assert step == 3 and torch.isfinite(model(torch.rand(2, 1, 16, 16), torch.tensor([0, 1]))).all()
     assert "placement: rank 1/2" in res.stdout  # every rank says where it runs
+    last = json.loads((run / "logs" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 < last["time/langevin_share"] < 1 and last["time/step_s"] >= last["time/sample_s"] + last["time/update_s"]
 
     bad = tmp_path / "bad"  # one NaN in rank 1's partition: rank 0's own partition is clean
     res = train(bad, digits_shards, "train.steps=3", *ZERO3, env={"EBMSCALE_FAULT": "nan_weight:3:1"})

@@ -20,12 +20,14 @@ from ebmscale.config import icd_active
 from ebmscale.log import get_logger
 from ebmscale.progress import progress_line
 from ebmscale.sampling import frozen, langevin, model_energy
+from ebmscale.sampling.langevin import InputGradScale
 from ebmscale.train import faults, stop
 from ebmscale.train.checkpoint import RNG, Checkpointer, healthy_checkpoints, restore, step_of
 from ebmscale.precision import compute_dtype
 from ebmscale.train.guard import SEVERITY, Guard, GuardFailure, Verdict, build_guard, discard_gradients
 from ebmscale.train.heartbeat import Heartbeat
 from ebmscale.train.icd import ICD
+from ebmscale.train.timing import Marks, step_times
 from ebmscale.train.loss import cd_loss
 
 log = get_logger(__name__)
@@ -69,6 +71,8 @@ class Trainer:
         self.guard = guard or build_guard(cfg, world_size, self.device)
         self.heartbeat = Heartbeat(self.run_dir, rank)
         self.icd = ICD(cfg, buffer.shape, self.device) if icd_active(cfg) else None
+        # fp16: the input-gradient scale carried over the run, on the device (sampling/langevin.py: InputGradScale)
+        self.input_grad_scale = InputGradScale(self.device) if self.dtype == torch.float16 else None
 
     # ---- one step -----------------------------------------------------------------------------
     def sample_negatives(self, n: int, frames: Optional[list] = None, y_pos: Optional[torch.Tensor] = None):
@@ -81,7 +85,7 @@ class Trainer:
         tail = self.icd.cfg.kl_steps if self.icd else 0  # ICD: the last steps keep the graph, for the KL term
         with frozen(self.engine.module, s.channels_last) as model:
             energy = model_energy(model, y if self.conditional else None, self.dtype,
-                                  channels_last=s.channels_last, compile=s.compile)
+                                  channels_last=s.channels_last, compile=s.compile, grad_scale=self.input_grad_scale)
             x, stats = langevin(energy, x0, s.steps - tail, s.step_size, s.noise, s.grad_clip,
                                 frames=frames, frame_every=max(1, s.steps // 10) if frames is not None else 0)
         x_final = self.icd.last_steps(self.engine.module, x, y if self.conditional else None, self.dtype) \
@@ -91,12 +95,13 @@ class Trainer:
         return x, y, fresh, born, stats, x_final
 
     def train_step(self, x_pos: torch.Tensor, y_pos: torch.Tensor, frames: Optional[list] = None) -> dict:
-        t0 = time.perf_counter()
+        marks = Marks(self.device)  # CUDA events on a GPU: read at log steps only (train/timing.py)
+        marks.mark("start")
         n = x_pos.shape[0]
         x_neg, y_neg, fresh, born, lstats, x_final = self.sample_negatives(n, frames, y_pos)
         if faults.active("collapse", self.step + 1, self.rank):
             x_neg = torch.full_like(x_neg, 0.5)
-        t1 = time.perf_counter()
+        marks.mark("sampled")
         x = torch.cat([x_pos, x_neg])  # fp32: the model's stem reads it in fp32 (models/resnet.py)
         if self.cfg.train.channels_last_update:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -112,19 +117,19 @@ class Trainer:
         if faults.active("nan_loss", self.step + 1, self.rank):
             loss = loss * float("nan")
         self.engine.backward(loss)  # the optimizer step waits for the guard's verdict: update()
-        t2 = time.perf_counter()
+        marks.mark("backward")
         return {"loss": loss.detach(), "e_pos": e_pos.detach().mean(), "e_neg": e_neg.detach().mean(),
                 "langevin": lstats, "fresh": fresh.float().mean(), "age": (self.step - born).float().mean(),
-                "t_sample": t1 - t0, "t_update": t2 - t1, "x_neg": x_neg, "y_neg": y_neg,
+                "marks": marks, "x_neg": x_neg, "y_neg": y_neg,
                 "e_pos_all": e_pos.detach(), "e_neg_all": e_neg.detach(), "x_pos": x_pos, "icd": icd_stats}
 
     def update(self, out: dict, skip: bool) -> None:
-        t = time.perf_counter()
+        out["marks"].mark("update")
         if skip:
             discard_gradients(self.engine)  # on every rank alike: the verdict is the same everywhere
         else:
             self.engine.step()
-        out["t_update"] += time.perf_counter() - t
+        out["marks"].mark("updated")
         self.step += 1
         self.images_seen += out["x_pos"].shape[0] * self.world_size
 
@@ -286,8 +291,7 @@ class Trainer:
         m["grad_norm"] = float(gn) if gn is not None else float("nan")
         m["lr"] = float(self.engine.optimizer.param_groups[0]["lr"])
         m["images_per_s"] = images_per_s
-        m["time/sample_s"] = out["t_sample"]
-        m["time/update_s"] = out["t_update"]
+        m.update(step_times(out["marks"]))  # time/sample_s, update_s, step_s, langevin_share
         m["time/data_s"] = data_s_per_img * self.cfg.data.batch_size
         m["buffer/fill"] = len(self.buffer) / self.buffer.capacity
         stats = self.stream.stats() if hasattr(self.stream, "stats") else {}
