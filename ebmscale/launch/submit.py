@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from ebmscale.config import ConfigError
 from ebmscale.launch.checks import FINAL_STATES, slurm_state, tasks_per_node
 from ebmscale.launch.job import LOG_NAME, TrainJob
+from ebmscale.train.heartbeat import read_beat
 
 # variables of an outer launcher that must not leak into the job (they would override the job's own)
 SCRUB = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
@@ -244,6 +245,38 @@ _PEER_ERRORS = ("Connection closed by peer", "Connection reset by peer", "timed 
                 "Broken pipe", "ProcessGroup")
 
 
+_ABORTED_IN_COLLECTIVE = ("Watchdog caught collective operation timeout", "ProcessGroupNCCL's watchdog")
+
+
+def aborted_waiting(log_text: str) -> bool:
+    """Whether a rank's log says it was aborted while waiting in a collective: NCCL's watchdog message, or the Python
+    stacks that faulthandler writes on SIGABRT (train/main.py enables it) passing through a collective."""
+    if any(m in log_text for m in _ABORTED_IN_COLLECTIVE):
+        return True
+    i = log_text.rfind("Fatal Python error: Aborted")
+    return i >= 0 and any(m in log_text[i:] for m in ("torch/distributed/", "deepspeed/comm/"))
+
+
+def hung_among_aborted(folder: Path, job_id: str, silent: list, out: Path) -> Optional[int]:
+    """No rank left a Python result (NCCL aborts a timed-out rank with SIGABRT): the hung rank is the silent one that
+    was not aborted waiting in a collective, or else the one whose heartbeat is furthest behind (lower step, then
+    older). None when nothing tells them apart."""
+    def text(r: int) -> str:
+        from submitit.core.utils import JobPaths
+        paths = JobPaths(folder, job_id=job_id, task_id=r)
+        return "".join(p.read_text(errors="replace") for p in (paths.stdout, paths.stderr) if p.exists())
+    waiting = {r for r in silent if aborted_waiting(text(r))}
+    others = [r for r in silent if r not in waiting]
+    if waiting and len(others) == 1:
+        return others[0]
+    beats = {r: read_beat(out, r) for r in silent}
+    if waiting and all(beats.values()):
+        order = sorted(silent, key=lambda r: (beats[r]["step"], beats[r]["time"]))
+        if beats[order[0]]["step"] < beats[order[1]]["step"]:
+            return order[0]
+    return None
+
+
 EXIT_HUNG = 4  # a rank stopped answering and the others failed waiting for it (cli.py's docstring lists the codes)
 
 
@@ -284,6 +317,12 @@ def report(folder: Path, job_id: str, ntasks: int, out: Path, state: str) -> int
         print(f"FAILED: job {job_id}, rank {bad} raised: {last[-1] if last else '?'}", file=sys.stderr)
         if len(errors) > 1:
             print(f"(ranks with errors: {', '.join(map(str, sorted(errors)))})", file=sys.stderr)
+    elif len(silent) > 1 and (hung := hung_among_aborted(folder, job_id, silent, out)) is not None:
+        bad, code = hung, EXIT_HUNG
+        waited = [r for r in silent if r != bad]
+        print(f"HUNG: job {job_id}, rank {bad} {last_beat(out, bad) or '(no heartbeat file)'}, stopped answering; "
+              f"rank(s) {', '.join(map(str, waited))} were aborted waiting for it in a collective (NCCL's watchdog "
+              f"after train.collective_timeout_s: SIGABRT, no Python result).", file=sys.stderr)
     else:
         bad = silent[0] if silent else 0
         print(f"FAILED: job {job_id} ended ({state}) without a result from rank {bad} "

@@ -6,6 +6,7 @@ Runs the same under the launcher (submitit, local or SLURM), torchrun, srun or p
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import json
 import os
 import shutil
@@ -194,6 +195,9 @@ def take_run_folder(out: Path, rank: int):
 
 
 def main(cfg) -> stop.Outcome:
+    # a rank aborted from C++ (NCCL's watchdog: SIGABRT, no Python exception) still leaves its Python stacks in its
+    # log, where the launcher's report() reads that it was waiting in a collective, not the one that hung
+    faulthandler.enable()
     d = distributed.init(timeout_s=cfg.train.collective_timeout_s)
     setup_logging(d.rank)
     out = run_dir(cfg).resolve()
