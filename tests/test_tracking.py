@@ -254,7 +254,7 @@ def test_loss_energies_and_langevin_are_the_first_charts_in_mlflow():
     assert sections[0] == ("batch", ["batch/e_neg", "batch/e_pos", "batch/energy_gap", "batch/loss"])
     assert sections[1] == ("batch/langevin", ["batch/langevin/energy_end", "batch/langevin/energy_start",
                                               "batch/langevin/grad_abs", "batch/langevin/step_change"])
-    assert [name for name, _ in sections[2:]] == ["buffer", "data", "guard", "icd", "time", "Model metrics"]
+    assert [name for name, _ in sections[2:]] == ["buffer", "data", "guard", "icd", "memory", "time", "Model metrics"]
     assert sections[-1][1] == ["grad_norm", "images_per_s", "lr"]
     # the rule itself: unprefixed keys come after every named section, "system/" last
     assert [n for n, _ in mlflow_chart_sections(["loss", "zeta/a", "system/cpu", "a/b/c"])] == \

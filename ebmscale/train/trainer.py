@@ -5,6 +5,7 @@ The trainer receives built components; it never reads raw config to construct th
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,14 @@ from ebmscale.train.timing import Marks, step_times
 from ebmscale.train.loss import cd_loss
 
 log = get_logger(__name__)
+
+
+def peak_memory_gb(device) -> float:
+    """The most memory this rank has held: the GPU's allocator peak on CUDA (a host-side counter, no sync), the
+    process's peak resident set on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
 def _partition(p: torch.nn.Parameter) -> torch.Tensor:
@@ -294,6 +303,7 @@ class Trainer:
         m.update(step_times(out["marks"]))  # time/sample_s, update_s, step_s, langevin_share
         m["time/data_s"] = data_s_per_img * self.cfg.data.batch_size
         m["buffer/fill"] = len(self.buffer) / self.buffer.capacity
+        m["memory/peak_gb"] = peak_memory_gb(self.device)
         stats = self.stream.stats() if hasattr(self.stream, "stats") else {}
         m["data/bad_samples"] = float(stats.get("bad_samples", 0))
         if self.cfg.tracking.enabled and self.cfg.tracking.system_metrics:
