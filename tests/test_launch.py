@@ -454,6 +454,20 @@ def test_report_names_the_hung_rank_when_nccl_aborted_the_others_without_a_resul
     assert submit.report(folder, "9", 2, tmp_path, "FAILED") == 1
 
 
+def test_report_names_the_task_srun_saw_die_first(tmp_path, capsys):
+    """SLURM: a rank killed outright (SIGKILL, out of memory) leaves no result, and srun --kill-on-bad-exit stops the
+    others without one either; srun's own first error line names it."""
+    from submitit.core.utils import JobPaths
+    folder = tmp_path / "logs"
+    paths = JobPaths(folder, job_id="5", task_id=0)
+    paths.stdout.parent.mkdir(parents=True)
+    paths.stdout.write_text("step 24\nsrun: error: n2: task 7: Killed\nsrun: Job step aborted\n"
+                            "srun: error: n1: tasks 0-3: Killed\n")
+    assert submit.first_failed_task(paths.stdout.read_text()) == (7, "Killed")
+    assert submit.report(folder, "5", 16, tmp_path, "FAILED") == 1
+    assert "FAILED: job 5: rank 7 died first (Killed" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_a_rank_aborted_in_a_collective_names_the_hung_rank(tmp_path, digits_shards):
     """What NCCL does, on CPU: rank 1 hangs (SIGSTOP), rank 0 is aborted while waiting for it (SIGABRT, as NCCL's

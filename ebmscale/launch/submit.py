@@ -5,6 +5,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -257,15 +258,28 @@ def aborted_waiting(log_text: str) -> bool:
     return i >= 0 and any(m in log_text[i:] for m in ("torch/distributed/", "deepspeed/comm/"))
 
 
+_SRUN_TASK_ERROR = re.compile(r"srun: error: \S+: tasks? (\d+)[^:]*: (Killed|Aborted|Segmentation fault|Terminated|"
+                              r"Exited with exit code \d+)")
+
+
+def first_failed_task(batch_log: str) -> Optional[tuple]:
+    """(rank, how) of the first task srun reported dead in the batch script's output ("srun: error: n2: task 7:
+    Killed"), before --kill-on-bad-exit stopped the rest; None if srun reported none."""
+    m = _SRUN_TASK_ERROR.search(batch_log)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def _log_text(folder: Path, job_id: str, rank: int) -> str:
+    from submitit.core.utils import JobPaths
+    paths = JobPaths(folder, job_id=job_id, task_id=rank)
+    return "".join(p.read_text(errors="replace") for p in (paths.stdout, paths.stderr) if p.exists())
+
+
 def hung_among_aborted(folder: Path, job_id: str, silent: list, out: Path) -> Optional[int]:
     """No rank left a Python result (NCCL aborts a timed-out rank with SIGABRT): the hung rank is the silent one that
     was not aborted waiting in a collective, or else the one whose heartbeat is furthest behind (lower step, then
     older). None when nothing tells them apart."""
-    def text(r: int) -> str:
-        from submitit.core.utils import JobPaths
-        paths = JobPaths(folder, job_id=job_id, task_id=r)
-        return "".join(p.read_text(errors="replace") for p in (paths.stdout, paths.stderr) if p.exists())
-    waiting = {r for r in silent if aborted_waiting(text(r))}
+    waiting = {r for r in silent if aborted_waiting(_log_text(folder, job_id, r))}
     others = [r for r in silent if r not in waiting]
     if waiting and len(others) == 1:
         return others[0]
@@ -323,6 +337,11 @@ def report(folder: Path, job_id: str, ntasks: int, out: Path, state: str) -> int
         print(f"HUNG: job {job_id}, rank {bad} {last_beat(out, bad) or '(no heartbeat file)'}, stopped answering; "
               f"rank(s) {', '.join(map(str, waited))} were aborted waiting for it in a collective (NCCL's watchdog "
               f"after train.collective_timeout_s: SIGABRT, no Python result).", file=sys.stderr)
+    elif silent and (first := first_failed_task(_log_text(folder, job_id, 0))) and first[0] in silent:
+        bad, how = first
+        where = last_beat(out, bad)
+        print(f"FAILED: job {job_id}: rank {bad}{' ' + where if where else ''} died first ({how}: no Python result; "
+              f"killed, out of memory or a node failure?); srun then stopped the other ranks", file=sys.stderr)
     else:
         bad = silent[0] if silent else 0
         print(f"FAILED: job {job_id} ended ({state}) without a result from rank {bad} "
