@@ -125,7 +125,24 @@ stage shards shards "$IMAGES"
 stage train train
 stage bench_step "$PY" tools/bench.py train-step --archs resnet128 resnet32 "${BENCH[@]}" --json "$OUT/train_step.json"
 stage bench_flops "$PY" tools/bench.py langevin --config configs/imagenet128.yaml "${LANGEVIN[@]}" --json "$OUT/langevin.json"
-stage fp16 few fp16 train.precision=fp16
+fp16_sampler() {  # DeepSpeed refuses fp16 on a CPU: the dry run checks the sampler's own fp16 path instead
+  "$PY" - <<'PY'
+import torch
+from ebmscale.config import load_config
+from ebmscale.models import build_model
+from ebmscale.sampling import frozen, langevin, model_energy
+from ebmscale.sampling.langevin import InputGradScale
+cfg = load_config("configs/imagenet128.yaml", ["model.filters=8", "tracking.enabled=false"])
+model, scale = build_model(cfg.model).half(), InputGradScale("cpu")
+with frozen(model) as m:
+    x, _ = langevin(model_energy(m, torch.tensor([3, 7]), torch.float16, grad_scale=scale), torch.rand(2, 3, 128, 128),
+                    2, cfg.sampler.step_size, cfg.sampler.noise)
+assert torch.isfinite(x).all(), "fp16 samples not finite"
+print(f"fp16 sampler on CPU: 2 Langevin steps, finite; input-gradient scale {float(scale.scale):g}, "
+      f"{float(scale.overflows):g} overflowed step(s)")
+PY
+}
+if [ $DRY = 1 ]; then stage fp16 fp16_sampler; else stage fp16 few fp16 train.precision=fp16; fi
 stage zero3 few zero3 train.zero_stage=3 train.zero3_persistence_threshold=0
 "$PY" -m ebmscale.bench.gpu_check "$OUT" | tee "$OUT/summary.txt" || FAILED=1
 exit $FAILED
