@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ebmscale.bench import positive, write_json
+from ebmscale.train.checkpoint import Checkpointer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -66,8 +67,6 @@ def collectives_and_checkpoint(trainer, reps: int = 5) -> dict:
     medians of `reps`, and of one checkpoint (DeepSpeed's files + this rank's buffer file, committed)."""
     import torch.distributed as dist
 
-    from ebmscale.train.checkpoint import Checkpointer
-
     def timed(fn) -> float:
         out = []
         for _ in range(reps):
@@ -80,7 +79,9 @@ def collectives_and_checkpoint(trainer, reps: int = 5) -> dict:
     guard = torch.zeros(9)
     res = {"allreduce_grads_s": timed(lambda: dist.all_reduce(grads)), "allreduce_guard_s": timed(lambda: dist.all_reduce(guard)),
            "grad_elements": grads.numel()}
-    ck = Checkpointer(trainer.run_dir / "checkpoints", trainer.cfg.checkpoint, trainer.rank, trainer.world_size)
+    root = [tempfile.mkdtemp(prefix="ebm-bench-ck-") if trainer.rank == 0 else None]
+    dist.broadcast_object_list(root)  # one checkpoint folder for every rank, as a run has
+    ck = Checkpointer(Path(root[0]) / "checkpoints", trainer.cfg.checkpoint, trainer.rank, trainer.world_size)
     dist.barrier()
     t = time.perf_counter()
     ck.save(trainer.engine, 1, {"buffer": trainer.buffer.state_dict()}, {"step": 1, "world_size": trainer.world_size})
