@@ -373,6 +373,37 @@ def stop_now(job) -> None:
     psutil.wait_procs(tree, timeout=10)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (ProcessLookupError, PermissionError, FileNotFoundError):
+        return False
+    except OSError:
+        return True
+
+
+def died_without_result(folder: Path, job_id: str, nproc: int, out: Path, since: float, log_from: int = 0) -> bool:
+    """A --local rank of this job whose process is gone without a result (SIGABRT from NCCL's watchdog, SIGKILL,
+    the OOM killer): the others would wait for it in a collective. Judged by the pid in its heartbeat (this host,
+    beaten since `since`). Not after a requeue (launcher.log past byte `log_from`): requeued ranks exit without a
+    result by design, and their successors beat only once they train."""
+    try:
+        with open(out / LOG_NAME, "rb") as f:
+            f.seek(log_from)
+            if b"requeued (" in f.read():
+                return False
+    except OSError:
+        pass
+    for r in range(nproc):
+        b = read_beat(out, r)
+        if b and b.get("time", 0) >= since and b.get("host") == socket.gethostname() and not _alive(int(b["pid"])) \
+                and task_result(folder, job_id, r)[0] is None:
+            return True
+    return False
+
+
 def wait_local(job, nproc: int, out: Path, follow: bool = True, peer_grace_s: float = 30.0) -> int:
     """Wait for a --local job. SIGTERM to the launcher, or a first Ctrl-C, stops the job gracefully (submitit's
     controller forwards SIGTERM to every task: they checkpoint at the next step boundary and exit); a second
@@ -388,7 +419,8 @@ def wait_local(job, nproc: int, out: Path, follow: bool = True, peer_grace_s: fl
         if proc is not None and proc.poll() is None:
             proc.send_signal(_signal.SIGTERM)
     previous = _signal.signal(_signal.SIGTERM, forward_term)
-    interrupted = False
+    interrupted, started = False, time.time()
+    log_from = (out / LOG_NAME).stat().st_size if (out / LOG_NAME).exists() else 0
     try:
         while True:
             try:
@@ -396,7 +428,8 @@ def wait_local(job, nproc: int, out: Path, follow: bool = True, peer_grace_s: fl
                     break
                 follower.poll()
                 # a crashed rank leaves the others blocked in a collective: stop the job after a grace period
-                if any(task_result(folder, job.job_id, r)[0] == "error" for r in range(nproc)):
+                if any(task_result(folder, job.job_id, r)[0] == "error" for r in range(nproc)) or \
+                        died_without_result(folder, job.job_id, nproc, out, started, log_from):
                     first_error = first_error or time.time()
                     if time.time() - first_error > peer_grace_s:
                         stop_now(job)  # what still runs is stuck (hung, SIGSTOPped): it would ignore a cancel
