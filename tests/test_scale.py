@@ -2,7 +2,7 @@
 net; rank 7 is killed after step 25 (the last commit: step 20) and the report names it; the run is relaunched on 3
 nodes (12 ranks) and resumes from step 20 through DeepSpeed's universal conversion to step 30. Checked: every
 buffer sample of the 16 shards lands on exactly one of the 12 ranks (none lost, none twice), the optimizer's Adam
-moments come through the conversion, one MLflow run.
+moments come through the conversion, one MLflow run with one history.
 
 Not in the default run (markers slow, slurm, scale); one command, CPU-heavy (16 processes on this machine):
     tools/scale_drill.sh            # = nice pytest -m scale tests/test_scale.py -s
@@ -61,7 +61,7 @@ def test_16_ranks_killed_rank_named_requeued_on_12_resumed(tmp_path):
     a = launch(run, NODES, {"EBMSCALE_FAULT": "kill_at_step:25:7", "EBMSCALE_DIST_TIMEOUT_S": "60"})
     out_a = a.stdout + a.stderr
     assert a.returncode != 0, out_a[-3000:]
-    assert re.search(r"rank 7\b.*(died first|stopped answering|without a result from rank 7)", out_a), out_a[-3000:]
+    assert re.search(r"rank 7\b.*(died|stopped answering|without a result from rank 7)", out_a), out_a[-3000:]
     ck = run / "checkpoints" / "step_000000020"
     assert (ck / "COMMITTED").exists() and json.loads((ck / "trainer.json").read_text())["world_size"] == 16
 
@@ -95,5 +95,5 @@ def test_16_ranks_killed_rank_named_requeued_on_12_resumed(tmp_path):
     assert len(runs) == 1 and runs[0][1] == "FINISHED", runs
     steps = [s for (s,) in db.execute("select step from metrics where key='batch/loss' and run_uuid=? order by step",
                                       (runs[0][0],))]
-    assert steps[-1] == 30 and set(range(5, 31, 5)) <= set(steps), steps
+    assert steps == list(range(5, 31, 5)), steps  # one history: step 25, logged before the kill, not twice
     print(f"\ndrill: 16 ranks to the kill {a.seconds:.0f} s, 12 ranks resumed to step 30 {b.seconds:.0f} s")

@@ -319,7 +319,9 @@ def report(folder: Path, job_id: str, ntasks: int, out: Path, state: str) -> int
         return "LoaderTimeout" not in text and any(p.lower() in text.lower() for p in _PEER_ERRORS)
     if errors and silent and all(peer_error(r) for r in errors):
         bad, code = silent[0], EXIT_HUNG
-        print(f"HUNG: job {job_id}, rank {bad} {last_beat(out, bad) or '(no heartbeat file)'}, stopped answering; "
+        first = first_failed_task(_log_text(folder, job_id, 0))  # SLURM: srun saw it die (SIGKILL, OOM, a segfault)
+        bad, what = (first[0], f"died ({first[1]}, says srun)") if first and first[0] in silent else (bad, "stopped answering")
+        print(f"HUNG: job {job_id}, rank {bad} {last_beat(out, bad) or '(no heartbeat file)'}, {what}; "
               f"rank(s) {', '.join(map(str, sorted(errors)))} failed waiting for it in a collective "
               f"(train.collective_timeout_s).", file=sys.stderr)
         for r in silent[1:]:
