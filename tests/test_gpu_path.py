@@ -239,3 +239,19 @@ def test_gpu_speed_switches_are_off_by_default_and_change_no_maths():
     x, y = torch.rand(4, 1, 16, 16), torch.arange(4)
     nhwc = x.contiguous(memory_format=torch.channels_last)
     assert torch.allclose(model(x, y), model(nhwc, y), atol=1e-5)
+
+
+def test_the_deterministic_switch_sets_what_cuda_needs_for_bit_exact_runs(monkeypatch):
+    from ebmscale.train.main import set_deterministic
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        set_deterministic()
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
+        assert not torch.backends.cudnn.allow_tf32 and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = before[1:]
