@@ -134,6 +134,12 @@ class TrainConfig:
     grad_reduce_fp32: bool = True  # bf16: all-reduce / reduce-scatter gradients in fp32 (DeepSpeed communication_data_type)
     collective_timeout_s: float = 600.0  # a collective waits this long for a peer, then the job fails (not hangs)
     threads: int = 0  # torch intra-op threads per rank on CPU; 0 = this rank's share of the usable cores, less its loader workers
+    # ZeRO-3: parameters below this many elements stay whole on every rank; null = DeepSpeed's default (1e5). The
+    # model reads every parameter inside its module's call, so any value works, 0 included (tests/test_zero3.py)
+    zero3_persistence_threshold: Optional[int] = None
+    # bit-exact CUDA runs: cudnn.deterministic, no cuDNN autotuner, TF32 off, torch.use_deterministic_algorithms
+    # (slower; resume is bit-exact on CPU without it, on CUDA only with it; docs/gpu.md)
+    deterministic: bool = False
 
 
 @dataclass

@@ -316,6 +316,34 @@ def cpu_threads(local_world_size: int, loader_workers: int, environ: Optional[Ma
     return max(1, share - loader_workers)
 
 
+def _ranges(cpus) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    out, cpus = [], sorted(cpus)
+    for c in cpus:
+        if out and c == out[-1][1] + 1:
+            out[-1][1] = c
+        else:
+            out.append([c, c])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in out)
+
+
+def placement(d: Dist) -> str:
+    """Where this rank runs: host, CPU affinity (the mask srun or taskset gave it), torch threads, GPU. Every rank
+    prints it at start (tests/test_slurm.py reads it in a SLURM job)."""
+    import torch
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cpus = list(range(os.cpu_count() or 1))
+    gpu = "none"
+    if d.backend == "nccl" and torch.cuda.is_available():
+        i = torch.cuda.current_device()
+        gpu = f"cuda:{i} {torch.cuda.get_device_name(i)} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'all')})"
+    return (f"placement: rank {d.rank}/{d.world_size} local {d.local_rank}/{d.local_world_size} on "
+            f"{socket.gethostname()}: cpus {_ranges(cpus)} ({len(cpus)}; SLURM_CPUS_PER_TASK="
+            f"{os.environ.get('SLURM_CPUS_PER_TASK', '-')}), torch threads {torch.get_num_threads()}, gpu {gpu}")
+
+
 def current() -> Optional[Dist]:
     return _current
 
@@ -325,4 +353,4 @@ def is_main() -> bool:
 
 
 __all__ = ["Dist", "detect", "source", "export", "setup_env", "init", "shutdown", "current", "is_main", "free_port",
-           "usable_cpus", "cpu_threads"]
+           "usable_cpus", "cpu_threads", "placement"]

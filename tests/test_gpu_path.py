@@ -147,7 +147,7 @@ def test_fp16_chains_move_where_unscaled_input_gradients_underflow():
     ref, _ = langevin(model_energy(Tiny(), None, torch.float32), x0, steps=3, step_size=1e8, noise=0.0)
     half = Tiny().half()
     scaled = model_energy(half, None, torch.float16)
-    assert scaled.grad_scale > 1
+    assert float(scaled.grad_scale.scale) > 1
     x16, _ = langevin(scaled, x0, steps=3, step_size=1e8, noise=0.0)
     unscaled = model_energy(half, None, torch.float16)
     unscaled.grad_scale = 1.0
@@ -167,11 +167,53 @@ def test_fp16_input_gradient_scale_backs_off_on_overflow():
     assert torch.allclose(g, torch.full_like(g, 1000.0)) and scale <= 64
 
 
+def test_fp16_sampling_takes_no_host_sync_and_carries_its_scale_from_call_to_call(monkeypatch):
+    """The scale lives on the device: an overflow halves it there (that step moves by its noise only), and the next
+    call starts where the last one ended. No tensor is read by the host inside the call (bool/item/tolist raise)."""
+    from ebmscale.sampling.langevin import InputGradScale
+
+    class Steep(torch.nn.Module):  # dE/dx = 1000 per pixel: times 2^14 it overflows fp16 (max 65504)
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones((), dtype=torch.float16))
+
+        def forward(self, x, y=None):
+            return (x.half() * 1000 * self.w).sum((1, 2, 3))
+
+    scale = InputGradScale("cpu")
+    energy = model_energy(Steep(), None, torch.float16, grad_scale=scale)
+    x0 = torch.full((2, 1, 4, 4), 0.5)
+
+    def no_sync(*a, **k):
+        raise AssertionError("host sync inside the Langevin call")
+    for name in ("__bool__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    x1, _ = langevin(energy, x0, steps=10, step_size=1e-5, noise=0.0, clamp=False)
+    monkeypatch.undo()
+    assert float(scale.scale) <= 64 and float(scale.overflows) == 8  # 2^14 -> 2^6, once per overflowed step
+    assert torch.allclose(x0 - x1, torch.full_like(x0, 2e-2), rtol=0.05)  # the last 2 of 10 steps took dE/dx = 1000
+    x2, _ = langevin(model_energy(Steep(), None, torch.float16, grad_scale=scale), x0, steps=4, step_size=1e-5,
+                     noise=0.0, clamp=False)
+    assert torch.allclose(x0 - x2, torch.full_like(x0, 4e-2), rtol=0.05)  # carried: no overflow, every step moves
+
+
 def test_bf16_gradients_are_reduced_in_fp32_by_default():
     cfg = load_config(ROOT / "configs" / "digits.yaml", ["train.precision=bf16"])
     assert build_ds_config(cfg, 2)["communication_data_type"] == "fp32"
     cfg = load_config(ROOT / "configs" / "digits.yaml", ["train.precision=bf16", "train.grad_reduce_fp32=false"])
     assert "communication_data_type" not in build_ds_config(cfg, 2)
+
+
+def test_bf16_overflow_check_is_left_to_the_guard_only_where_the_guard_covers_it():
+    """DeepSpeed 0.19's bf16.check_grad_overflow (ZeRO-1/2: an all-reduce and a host sync per step) is off when the
+    guard skips, rolls back or stops on non-finite gradients; kept when the guard is off or only warns."""
+    digits = ROOT / "configs" / "digits.yaml"
+    assert build_ds_config(load_config(digits, ["train.precision=bf16"]), 2)["bf16"] == \
+        {"enabled": True, "check_grad_overflow": False}
+    for off in (["guard.enabled=false"], ["guard.on_nonfinite=warn"]):
+        assert build_ds_config(load_config(digits, ["train.precision=bf16", *off]), 2)["bf16"] == {"enabled": True}
+    zero3 = build_ds_config(load_config(digits, ["train.zero_stage=3", "train.zero3_persistence_threshold=0"]), 2)
+    assert zero3["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0}
 
 
 def test_universal_conversion_waits_on_its_marker_not_a_collective(tmp_path):
@@ -197,3 +239,19 @@ def test_gpu_speed_switches_are_off_by_default_and_change_no_maths():
     x, y = torch.rand(4, 1, 16, 16), torch.arange(4)
     nhwc = x.contiguous(memory_format=torch.channels_last)
     assert torch.allclose(model(x, y), model(nhwc, y), atol=1e-5)
+
+
+def test_the_deterministic_switch_sets_what_cuda_needs_for_bit_exact_runs(monkeypatch):
+    from ebmscale.train.main import set_deterministic
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        set_deterministic()
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
+        assert not torch.backends.cudnn.allow_tf32 and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = before[1:]

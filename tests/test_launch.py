@@ -432,6 +432,71 @@ def test_a_hung_rank_ends_the_job_named_with_exit_code_4(tmp_path, digits_shards
     assert _task_pids(run / "logs" / "submitit") == []
 
 
+def test_report_names_the_hung_rank_when_nccl_aborted_the_others_without_a_result(tmp_path, capsys):
+    """NCCL's watchdog aborts a timed-out rank (SIGABRT): no Python result anywhere. The rank aborted inside a
+    collective is the victim (its faulthandler stacks say so); the other silent one hung."""
+    from submitit.core.utils import JobPaths
+    from ebmscale.train.heartbeat import Heartbeat
+    folder = tmp_path / "logs"
+    Heartbeat(tmp_path, 1).beat(17)
+    stacks = ('Fatal Python error: Aborted\n\nThread 0x1 (most recent call first):\n  File "/v/torch/distributed/'
+              'distributed_c10d.py", line 2806 in all_reduce\n  File "/e/ebmscale/train/guard.py", line 97 in check\n')
+    for r, text in ((0, stacks), (1, "training step 17\n")):
+        paths = JobPaths(folder, job_id="9", task_id=r)
+        paths.stderr.parent.mkdir(parents=True, exist_ok=True)
+        paths.stderr.write_text(text)
+    assert submit.report(folder, "9", 2, tmp_path, "FAILED") == 4
+    err = capsys.readouterr().err
+    assert f"HUNG: job 9, rank 1 on {os.uname().nodename} (pid {os.getpid()}), last heard at step 17" in err
+    assert "rank(s) 0 were aborted waiting for it in a collective" in err
+    JobPaths(folder, job_id="9", task_id=1).stderr.write_text(stacks)  # both aborted, same step: no verdict
+    Heartbeat(tmp_path, 0).beat(17)
+    assert submit.report(folder, "9", 2, tmp_path, "FAILED") == 1
+
+
+def test_report_names_the_task_srun_saw_die_first(tmp_path, capsys):
+    """SLURM: a rank killed outright (SIGKILL, out of memory) leaves no result, and srun --kill-on-bad-exit stops the
+    others without one either; srun's own first error line names it."""
+    from submitit.core.utils import JobPaths
+    folder = tmp_path / "logs"
+    paths = JobPaths(folder, job_id="5", task_id=0)
+    paths.stdout.parent.mkdir(parents=True)
+    paths.stdout.write_text("step 24\nsrun: error: n2: task 7: Killed\nsrun: Job step aborted\n"
+                            "srun: error: n1: tasks 0-3: Killed\n")
+    assert submit.first_failed_task(paths.stdout.read_text()) == (7, "Killed")
+    assert submit.report(folder, "5", 16, tmp_path, "FAILED") == 1
+    assert "FAILED: job 5: rank 7 died first (Killed" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_rank_aborted_in_a_collective_names_the_hung_rank(tmp_path, digits_shards):
+    """What NCCL does, on CPU: rank 1 hangs (SIGSTOP), rank 0 is aborted while waiting for it (SIGABRT, as NCCL's
+    watchdog aborts a timed-out rank: no Python exception, no result). The report names rank 1 with exit 4."""
+    run = tmp_path / "run"
+    proc = _launch(["--local", "--nproc", "2", DIGITS, f"run.dir={run}", digits_shards, "model.filters=8",
+                    "sampler.steps=5", "train.steps=100000", "train.log_every=5", "train.threads=1",
+                    "tracking.enabled=false"], env={"EBMSCALE_DIST_TIMEOUT_S": "300"})
+    beats, deadline = run / "heartbeat", time.time() + 400
+    try:
+        while not ((beats / "rank_00001.json").exists() and (beats / "rank_00000.json").exists() and
+                   (json.loads((beats / "rank_00001.json").read_text() or "{}").get("step") or 0) >= 5):
+            assert proc.poll() is None and time.time() < deadline, "the job did not start training"
+            time.sleep(0.5)
+        hung = json.loads((beats / "rank_00001.json").read_text())["pid"]
+        os.kill(hung, signal.SIGSTOP)
+        time.sleep(5)  # rank 0 reaches the next collective and waits in it
+        os.kill(json.loads((beats / "rank_00000.json").read_text())["pid"], signal.SIGABRT)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in _task_pids(run / "logs" / "submitit"):
+            os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 4, out
+    assert re.search(rf"HUNG: job \S+, rank 1 on \S+ \(pid {hung}\), last heard at step \d+", out), out
+    assert "rank(s) 0 were aborted waiting for it in a collective" in out
+
+
 @pytest.mark.slow
 def test_local_launch_trains_digits(tmp_path, digits_shards):
     """The CPU demo path with the real trainer: 2 processes, DeepSpeed over gloo."""

@@ -262,3 +262,23 @@ def test_the_job_decides_its_accelerator_where_it_runs(tmp_path, shards, user_se
     assert "SLURM_JOB_ID" in job_env  # really the job's environment
     assert "EBMSCALE_SET_DS_ACCELERATOR" not in job_env
     assert job_env.get("DS_ACCELERATOR") == ("cpu" if user_set else None)
+
+
+@needs_trainer
+def test_srun_gives_each_task_its_cpus(tmp_path, shards):
+    """Slurm 22.05-23.02's srun does not inherit --cpus-per-task from sbatch: without it on the srun line (or
+    SRUN_CPUS_PER_TASK) the step gets 1 CPU per task. The job step's allocation (sacct) and the rank's own view
+    (its placement line: the affinity mask and SLURM_CPUS_PER_TASK) show the task's 2 CPUs."""
+    run = tmp_path / "run"
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "launch.py"), *PROFILE, "--nodes", "1", "--wait",
+                          "--quiet", DIGITS, f"run.dir={run}", f"run.name={unique('cpus')}", shards, *TINY,
+                          "train.steps=2", "launcher.cpus_per_task=2", "data.workers=0", "tracking.enabled=false"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    jid = job_id(run)
+    steps = subprocess.run(["sacct", "-n", "-P", "-j", jid, "-o", "JobID,AllocCPUS"], capture_output=True,
+                           text=True).stdout.split()
+    assert f"{jid}.0|2" in steps, steps  # the srun step: 2 CPUs for its one task
+    text = "".join(p.read_text(errors="replace") for p in (run / "logs").rglob("*.out"))
+    line = next(x for x in text.splitlines() if "placement: rank 0/1" in x)
+    assert "SLURM_CPUS_PER_TASK=2)" in line and "gpu none" in line, line

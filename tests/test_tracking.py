@@ -235,6 +235,7 @@ def test_loss_energies_and_langevin_are_the_first_charts_in_mlflow():
     from ebmscale.sampling.langevin import LangevinStats
     from ebmscale.train.guard import Guard
     from ebmscale.train.icd import ICD
+    from ebmscale.train.timing import Marks
     from ebmscale.train.trainer import Trainer
 
     cfg = load_config("configs/digits.yaml", ["model.filters=4", "icd.enabled=true", "icd.kl_steps=1",
@@ -244,8 +245,11 @@ def test_loss_energies_and_langevin_are_the_first_charts_in_mlflow():
     model, y = build_model(cfg.model), torch.randint(0, 10, (4,))
     _, icd_stats = icd.loss(model, icd.last_steps(model, torch.rand(4, 1, 16, 16), y, torch.float32), y, torch.float32)
     zero = torch.tensor(0.0)
+    marks = Marks("cpu")
+    for point in ("start", "sampled", "backward", "update", "updated"):
+        marks.mark(point)
     out = {"loss": zero, "e_pos": zero, "e_neg": zero, "langevin": LangevinStats(zero, zero, zero, zero),
-           "fresh": zero, "age": zero, "t_sample": 0.1, "t_update": 0.1, "icd": icd_stats}
+           "fresh": zero, "age": zero, "marks": marks, "icd": icd_stats}
     trainer = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), world_size=1, stream=None,
                               buffer=ReplayBuffer(4, (1, 16, 16)),
                               engine=SimpleNamespace(optimizer=SimpleNamespace(param_groups=[{"lr": 1e-4}])))
@@ -257,7 +261,7 @@ def test_loss_energies_and_langevin_are_the_first_charts_in_mlflow():
     assert sections[0] == ("batch", ["batch/e_neg", "batch/e_pos", "batch/energy_gap", "batch/loss"])
     assert sections[1] == ("batch/langevin", ["batch/langevin/energy_end", "batch/langevin/energy_start",
                                               "batch/langevin/grad_abs", "batch/langevin/step_change"])
-    assert [name for name, _ in sections[2:]] == ["buffer", "data", "guard", "icd", "time", "Model metrics"]
+    assert [name for name, _ in sections[2:]] == ["buffer", "data", "guard", "icd", "memory", "time", "Model metrics"]
     assert sections[-1][1] == ["grad_norm", "images_per_s", "lr"]
     # the rule itself: unprefixed keys come after every named section, "system/" last
     assert [n for n, _ in mlflow_chart_sections(["loss", "zeta/a", "system/cpu", "a/b/c"])] == \

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from ebmscale.bench import positive, write_json
 from ebmscale.bench._trainer import build_trainer, trainer_step
 from ebmscale.config import load_config
+from ebmscale.train.checkpoint import Checkpointer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,10 +52,42 @@ def worker(a) -> None:
         dist.barrier()  # a step ends when the slowest rank's ends
         if i >= 2:
             times.append((time.perf_counter() - t, time.process_time() - c))
+    extra = collectives_and_checkpoint(trainer)
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, times)
+    extras = [None] * dist.get_world_size()
+    dist.all_gather_object(extras, extra)
     if dist.get_rank() == 0:
         Path(a.out).write_text(json.dumps(every))
+        Path(a.out + ".extra").write_text(json.dumps(extras))
+
+
+def collectives_and_checkpoint(trainer, reps: int = 5) -> dict:
+    """Seconds of the step's collectives alone (an all-reduce of the gradients' size in fp32, the guard's 9 floats),
+    medians of `reps`, and of one checkpoint (DeepSpeed's files + this rank's buffer file, committed)."""
+    import torch.distributed as dist
+
+    def timed(fn) -> float:
+        out = []
+        for _ in range(reps):
+            dist.barrier()
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+        return sorted(out)[len(out) // 2]
+    grads = torch.zeros(sum(p.numel() for p in trainer.engine.module.parameters()))
+    guard = torch.zeros(9)
+    res = {"allreduce_grads_s": timed(lambda: dist.all_reduce(grads)), "allreduce_guard_s": timed(lambda: dist.all_reduce(guard)),
+           "grad_elements": grads.numel()}
+    root = [tempfile.mkdtemp(prefix="ebm-bench-ck-") if trainer.rank == 0 else None]
+    dist.broadcast_object_list(root)  # one checkpoint folder for every rank, as a run has
+    ck = Checkpointer(Path(root[0]) / "checkpoints", trainer.cfg.checkpoint, trainer.rank, trainer.world_size)
+    dist.barrier()
+    t = time.perf_counter()
+    ck.save(trainer.engine, 1, {"buffer": trainer.buffer.state_dict()}, {"step": 1, "world_size": trainer.world_size})
+    ck.commit()
+    res["checkpoint_s"] = time.perf_counter() - t
+    return res
 
 
 def _launch(a, n: int, out: Path) -> list:
@@ -71,11 +104,14 @@ def _launch(a, n: int, out: Path) -> list:
 
 def run(a) -> dict:
     launches = {n: [] for n in a.ranks}
+    extras: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
             for n in a.ranks:
                 every = _launch(a, n, Path(tmp) / f"{n}_{r}.json")
                 launches[n].append([[max(w for w, _ in s), max(c for _, c in s)] for s in zip(*every)])
+                ex = json.loads((Path(tmp) / f"{n}_{r}.json.extra").read_text())
+                extras.setdefault(n, []).append({k: max(e[k] for e in ex) for k in ex[0]})  # the slowest rank
     # per step: the slowest rank's wall time, and the most CPU time a rank used
     wall = {n: sorted(s[0] for ts in v for s in ts) for n, v in launches.items()}
     cpu = {n: sorted(s[1] for ts in v for s in ts) for n, v in launches.items()}
@@ -85,7 +121,8 @@ def run(a) -> dict:
     one = a.ranks[0]
     rows = [{"ranks": n, "median_step_s": med[n], "best_step_s": best[n], "median_cpu_s": cpu_med[n],
              "efficiency": med[one] / med[n], "efficiency_best": best[one] / best[n],
-             "efficiency_cpu": cpu_med[one] / cpu_med[n], "images_per_s": n * _batch(a) / med[n]} for n in a.ranks]
+             "efficiency_cpu": cpu_med[one] / cpu_med[n], "images_per_s": n * _batch(a) / med[n],
+             **{k: sorted(e[k] for e in extras[n])[len(extras[n]) // 2] for k in extras[n][0]}} for n in a.ranks]
     print(f"weak scaling, {a.config} {' '.join(a.override)}, 1 thread per rank, {a.rounds} launches x {a.steps} "
           f"steps per rank count, DeepSpeed over gloo")
     print(f"{'ranks':>5} {'s/step (median)':>15} {'img/s':>7} {'efficiency':>10} {'(best steps)':>12} "
@@ -95,6 +132,9 @@ def run(a) -> dict:
               f"{r['efficiency_best']:12.2f} {r['median_cpu_s']:15.3f} {r['efficiency_cpu']:14.2f}")
     print("efficiency: wall clock, what a job sees; CPU efficiency: the CPU work a rank does per step, which "
           "other processes on the machine do not inflate")
+    print(f"{'ranks':>5} {'all-reduce grads s':>18} {'all-reduce guard s':>18} {'checkpoint s':>12}  (slowest rank, median)")
+    for r in rows:
+        print(f"{r['ranks']:>5} {r['allreduce_grads_s']:18.4f} {r['allreduce_guard_s']:18.4f} {r['checkpoint_s']:12.2f}")
     result = {"config": a.config, "override": a.override, "steps": a.steps, "rounds": a.rounds,
               "cpus": os.cpu_count(), "rows": rows, "launches": launches}
     write_json(a.json, result)

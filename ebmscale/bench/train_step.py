@@ -27,6 +27,7 @@ from ebmscale.buffer import build_buffer
 from ebmscale.config import load_config
 from ebmscale.models import build_model
 from ebmscale.train.loss import cd_loss
+from ebmscale.train.timing import step_times
 
 ARCHS = {  # name: (config, overrides); the batch of resnet128 comes from --resnet128-batch
     "digits": ("configs/digits.yaml", []),
@@ -152,7 +153,9 @@ def run(args) -> dict:
             clock.clear()
             out = trainer_step(trainer, x, y)  # noqa: F821 (bound in the loop; deleted only after use)
             sync(dev)
-            return {"sampling": out["t_sample"] - clock["buffer"], "buffer": clock["buffer"], "update": out["t_update"]}
+            t = step_times(out["marks"])  # CUDA events on a GPU (train/timing.py): the stream's time, not the enqueue
+            return {"sampling": t["time/sample_s"] - clock["buffer"], "buffer": clock["buffer"],
+                    "update": t["time/update_s"]}
 
         rows = {"plain fp32": PlainStep(cfg, dev)}
         if not args.no_autocast:

@@ -5,6 +5,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -24,7 +25,7 @@ from ebmscale.launch.checks import FINAL_STATES, slurm_state, tasks_per_node
 from ebmscale.launch.job import LOG_NAME, TrainJob
 from ebmscale.distributed import free_port
 from ebmscale.progress import Console
-from ebmscale.train.heartbeat import last_beat
+from ebmscale.train.heartbeat import last_beat, read_beat
 
 # variables of an outer launcher that must not leak into the job (they would override the job's own)
 SCRUB = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
@@ -70,8 +71,10 @@ def slurm_parameters(cfg: DictConfig) -> Dict[str, Any]:
         time=lc.time_min,
         signal_delay_s=lc.signal_delay_s,
         stderr_to_stdout=True,
-        setup=setup_lines(cfg),
-        srun_args=["--kill-on-bad-exit=1"],
+        # srun does not inherit --cpus-per-task from sbatch on Slurm 22.05-23.02 (each rank would get one core, its
+        # loader workers included): the flag on submitit's srun line, and SRUN_CPUS_PER_TASK for any other srun
+        setup=[f"export SRUN_CPUS_PER_TASK={lc.cpus_per_task}", *setup_lines(cfg)],
+        srun_args=["--kill-on-bad-exit=1", f"--cpus-per-task={lc.cpus_per_task}"],
         additional_parameters={"requeue": True, "chdir": os.getcwd(), **extra},
     )
     if lc.gpus_per_node > 0:
@@ -241,6 +244,51 @@ _PEER_ERRORS = ("Connection closed by peer", "Connection reset by peer", "timed 
                 "Broken pipe", "ProcessGroup")
 
 
+_ABORTED_IN_COLLECTIVE = ("Watchdog caught collective operation timeout", "ProcessGroupNCCL's watchdog")
+
+
+def aborted_waiting(log_text: str) -> bool:
+    """Whether a rank's log says it was aborted while waiting in a collective: NCCL's watchdog message, or the Python
+    stacks that faulthandler writes on SIGABRT (train/main.py enables it) passing through a collective."""
+    if any(m in log_text for m in _ABORTED_IN_COLLECTIVE):
+        return True
+    i = log_text.rfind("Fatal Python error: Aborted")
+    return i >= 0 and any(m in log_text[i:] for m in ("torch/distributed/", "deepspeed/comm/"))
+
+
+_SRUN_TASK_ERROR = re.compile(r"srun: error: \S+: tasks? (\d+)[^:]*: (Killed|Aborted|Segmentation fault|Terminated|"
+                              r"Exited with exit code \d+)")
+
+
+def first_failed_task(batch_log: str) -> Optional[tuple]:
+    """(rank, how) of the first task srun reported dead in the batch script's output ("srun: error: n2: task 7:
+    Killed"), before --kill-on-bad-exit stopped the rest; None if srun reported none."""
+    m = _SRUN_TASK_ERROR.search(batch_log)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def _log_text(folder: Path, job_id: str, rank: int) -> str:
+    from submitit.core.utils import JobPaths
+    paths = JobPaths(folder, job_id=job_id, task_id=rank)
+    return "".join(p.read_text(errors="replace") for p in (paths.stdout, paths.stderr) if p.exists())
+
+
+def hung_among_aborted(folder: Path, job_id: str, silent: list, out: Path) -> Optional[int]:
+    """No rank left a Python result (NCCL aborts a timed-out rank with SIGABRT): the hung rank is the silent one that
+    was not aborted waiting in a collective, or else the one whose heartbeat is furthest behind (lower step, then
+    older). None when nothing tells them apart."""
+    waiting = {r for r in silent if aborted_waiting(_log_text(folder, job_id, r))}
+    others = [r for r in silent if r not in waiting]
+    if waiting and len(others) == 1:
+        return others[0]
+    beats = {r: read_beat(out, r) for r in silent}
+    if waiting and all(beats.values()):
+        order = sorted(silent, key=lambda r: (beats[r]["step"], beats[r]["time"]))
+        if beats[order[0]]["step"] < beats[order[1]]["step"]:
+            return order[0]
+    return None
+
+
 EXIT_HUNG = 4  # a rank stopped answering and the others failed waiting for it (cli.py's docstring lists the codes)
 
 
@@ -268,7 +316,9 @@ def report(folder: Path, job_id: str, ntasks: int, out: Path, state: str) -> int
         return "LoaderTimeout" not in text and any(p.lower() in text.lower() for p in _PEER_ERRORS)
     if errors and silent and all(peer_error(r) for r in errors):
         bad, code = silent[0], EXIT_HUNG
-        print(f"HUNG: job {job_id}, rank {bad} {last_beat(out, bad) or '(no heartbeat file)'}, stopped answering; "
+        first = first_failed_task(_log_text(folder, job_id, 0))  # SLURM: srun saw it die (SIGKILL, OOM, a segfault)
+        bad, what = (first[0], f"died ({first[1]}, says srun)") if first and first[0] in silent else (bad, "stopped answering")
+        print(f"HUNG: job {job_id}, rank {bad} {last_beat(out, bad) or '(no heartbeat file)'}, {what}; "
               f"rank(s) {', '.join(map(str, sorted(errors)))} failed waiting for it in a collective "
               f"(train.collective_timeout_s).", file=sys.stderr)
         for r in silent[1:]:
@@ -280,6 +330,17 @@ def report(folder: Path, job_id: str, ntasks: int, out: Path, state: str) -> int
         print(f"FAILED: job {job_id}, rank {bad} raised: {last[-1] if last else '?'}", file=sys.stderr)
         if len(errors) > 1:
             print(f"(ranks with errors: {', '.join(map(str, sorted(errors)))})", file=sys.stderr)
+    elif len(silent) > 1 and (hung := hung_among_aborted(folder, job_id, silent, out)) is not None:
+        bad, code = hung, EXIT_HUNG
+        waited = [r for r in silent if r != bad]
+        print(f"HUNG: job {job_id}, rank {bad} {last_beat(out, bad) or '(no heartbeat file)'}, stopped answering; "
+              f"rank(s) {', '.join(map(str, waited))} were aborted waiting for it in a collective (NCCL's watchdog "
+              f"after train.collective_timeout_s: SIGABRT, no Python result).", file=sys.stderr)
+    elif silent and (first := first_failed_task(_log_text(folder, job_id, 0))) and first[0] in silent:
+        bad, how = first
+        where = last_beat(out, bad)
+        print(f"FAILED: job {job_id}: rank {bad}{' ' + where if where else ''} died first ({how}: no Python result; "
+              f"killed, out of memory or a node failure?); srun then stopped the other ranks", file=sys.stderr)
     else:
         bad = silent[0] if silent else 0
         print(f"FAILED: job {job_id} ended ({state}) without a result from rank {bad} "
@@ -315,6 +376,37 @@ def stop_now(job, grace_s: float = 0.0) -> None:
     psutil.wait_procs(tree, timeout=10)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (ProcessLookupError, PermissionError, FileNotFoundError):
+        return False
+    except OSError:
+        return True
+
+
+def died_without_result(folder: Path, job_id: str, nproc: int, out: Path, since: float, log_from: int = 0) -> bool:
+    """A --local rank of this job whose process is gone without a result (SIGABRT from NCCL's watchdog, SIGKILL,
+    the OOM killer): the others would wait for it in a collective. Judged by the pid in its heartbeat (this host,
+    beaten since `since`). Not after a requeue (launcher.log past byte `log_from`): requeued ranks exit without a
+    result by design, and their successors beat only once they train."""
+    try:
+        with open(out / LOG_NAME, "rb") as f:
+            f.seek(log_from)
+            if b"requeued (" in f.read():
+                return False
+    except OSError:
+        pass
+    for r in range(nproc):
+        b = read_beat(out, r)
+        if b and b.get("time", 0) >= since and b.get("host") == socket.gethostname() and not _alive(int(b["pid"])) \
+                and task_result(folder, job_id, r)[0] is None:
+            return True
+    return False
+
+
 def wait_local(job, nproc: int, out: Path, follow: bool = True, peer_grace_s: float = 30.0) -> int:
     """Wait for a --local job. SIGTERM to the launcher, or a first Ctrl-C, stops the job gracefully (submitit's
     controller forwards SIGTERM to every task: they checkpoint at the next step boundary and exit); a second
@@ -329,7 +421,8 @@ def wait_local(job, nproc: int, out: Path, follow: bool = True, peer_grace_s: fl
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
     previous = signal.signal(signal.SIGTERM, forward_term)
-    interrupted = False
+    interrupted, started = False, time.time()
+    log_from = (out / LOG_NAME).stat().st_size if (out / LOG_NAME).exists() else 0
     try:
         while True:
             try:
@@ -337,7 +430,8 @@ def wait_local(job, nproc: int, out: Path, follow: bool = True, peer_grace_s: fl
                     break
                 follower.poll()
                 # a crashed rank leaves the others blocked in a collective: stop the job after a grace period
-                if any(task_result(folder, job.job_id, r)[0] == "error" for r in range(nproc)):
+                if any(task_result(folder, job.job_id, r)[0] == "error" for r in range(nproc)) or \
+                        died_without_result(folder, job.job_id, nproc, out, started, log_from):
                     first_error = first_error or time.time()
                     if time.time() - first_error > peer_grace_s:
                         stop_now(job)  # what still runs is stuck (hung, SIGSTOPped): it would ignore a cancel

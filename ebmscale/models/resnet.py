@@ -56,8 +56,26 @@ class _CappedSpectralNorm(_SpectralNorm):
         return weight / sigma * sigma.clamp(max=1.0)
 
 
-def _conv(cin: int, cout: int, k: int, sn: bool, bias: bool = True, release_residual: bool = False) -> nn.Conv2d:
-    conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias)
+class Fp32Conv2d(nn.Conv2d):
+    """A conv that computes in fp32 whatever its parameters' dtype (the stem). Called as a module, so that ZeRO-3
+    gathers its weight and bias whatever stage3_param_persistence_threshold says."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.bias
+        return F.conv2d(x.float(), self.weight.float(), None if b is None else b.float(), self.stride, self.padding,
+                        self.dilation, self.groups)
+
+
+class Fp32Linear(nn.Linear):
+    """A linear layer that computes in fp32 whatever its parameters' dtype (the energy head)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+
+
+def _conv(cin: int, cout: int, k: int, sn: bool, bias: bool = True, release_residual: bool = False,
+          cls: type = nn.Conv2d) -> nn.Conv2d:
+    conv = cls(cin, cout, k, padding=k // 2, bias=bias)
     if release_residual:
         nn.init.normal_(conv.weight, std=1e-10)  # utils.py get_weight(zero=True)
         if sn:
@@ -122,16 +140,17 @@ class ResBlock(nn.Module):
         # net stays almost linear and barely conditional; torch's spectral norm already bounds the branch.
         self.res_scale = nn.Parameter(torch.ones(1)) if residual == "scaled" else None
 
-    def _cond(self, table: nn.Embedding, y: Optional[torch.Tensor]) -> torch.Tensor:
-        w = table(y) if self.conditional else table.weight[:1]
+    def _cond(self, table: nn.Embedding, y: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+        # the table is called, never read: under ZeRO-3 only a module call gathers its weight
+        w = table(y) if self.conditional else table(torch.zeros(1, dtype=torch.long, device=device))
         return w[:, :, None, None]  # [N or 1, C, 1, 1]
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
-        h = self.act(self.dropout(self.conv1(x + self._cond(self.bias1, y))))
-        gain = self._cond(self.gain2, y)
+        h = self.act(self.dropout(self.conv1(x + self._cond(self.bias1, y, x.device))))
+        gain = self._cond(self.gain2, y, x.device)
         if self.gain2_bias is not None:
             gain = gain + self.gain2_bias[None, :, None, None]
-        h = self.conv2(h + self._cond(self.bias2, y)) * gain
+        h = self.conv2(h + self._cond(self.bias2, y, x.device)) * gain
         if self.res_scale is not None:
             h = h * self.res_scale
         h = h + self.shortcut(x)
@@ -156,7 +175,7 @@ class EnergyModel(nn.Module):
         self.arch, self.resolution, self.num_classes = arch, resolution, num_classes
         self.act = _act(activation)
         self.pool_act = _act(pool_activation or activation)
-        self.stem = _conv(in_channels, filters, 3, spectral_norm, conv_bias)
+        self.stem = _conv(in_channels, filters, 3, spectral_norm, conv_bias, cls=Fp32Conv2d)
         blocks, cin = [], filters
         for i, (mult, down) in enumerate(ARCH_BLOCKS[arch]):
             act = _act(first_block_activation) if i == 0 and first_block_activation else self.act
@@ -164,20 +183,20 @@ class EnergyModel(nn.Module):
                                    conv_bias, dropout, residual, class_gain_bias))
             cin = mult * filters
         self.blocks = nn.ModuleList(blocks)
-        self.fc = nn.Linear(cin, 1)
+        self.fc = Fp32Linear(cin, 1)
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: [N, C, H, W] in [0, 1], best fp32 (the stem reads it in fp32); y: [N] class labels (ignored when
         unconditional) -> energies [N], fp32."""
         if self.num_classes > 0 and y is None:
             raise ValueError("this model is class-conditional: pass labels y")
-        w, b = self.stem.weight, self.stem.bias
-        h = F.conv2d(x.float(), w.float(), None if b is None else b.float(), padding=self.stem.padding)
-        h = self.act(h).to(w.dtype)
+        # every parameter is read inside its own module's call (ZeRO-3 gathers it there, at any persistence
+        # threshold); the dtype of a parameter is known without its data
+        h = self.act(self.stem(x)).to(self.fc.weight.dtype)
         for block in self.blocks:
             h = block(h, y)
         h = self.pool_act(h).float().sum(dim=(2, 3))  # fp32 pool and head: bf16 would round E to 2^-8 of itself
-        return F.linear(h, self.fc.weight.float(), self.fc.bias.float()).squeeze(1)
+        return self.fc(h).squeeze(1)
 
 
 MODEL_CHOICES = ("shortcut_kernel", "conv_bias", "pool_activation", "first_block_activation", "dropout",

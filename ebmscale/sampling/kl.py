@@ -45,7 +45,8 @@ def differentiable_steps(energy: EnergyFn, x: torch.Tensor, steps: int, step_siz
     """`steps` Langevin steps as sampling.langevin takes them (noise, clipped gradient step, clamp to [0, 1]),
     but keeping the graph: the result is a function of the energy's parameters. `x` is detached first."""
     x = x.detach().float().requires_grad_(True)
-    scale = float(getattr(energy, "grad_scale", 1.0))  # fp16 compute: as sampling.langevin, halved on overflow
+    scale = getattr(energy, "grad_scale", 1.0)  # fp16 compute: as sampling.langevin, halved on overflow
+    scale = float(scale.scale) if hasattr(scale, "scale") else float(scale)  # the sampler's InputGradScale: one sync
     for _ in range(steps):
         if noise > 0:
             x = x + noise * torch.randn_like(x)

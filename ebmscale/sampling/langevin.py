@@ -28,6 +28,31 @@ EnergyFn = Callable[[torch.Tensor], torch.Tensor]  # x [N,C,H,W] fp32 -> energie
 FP16_INPUT_GRAD_SCALE = 2.0 ** 14
 
 
+class InputGradScale:
+    """fp16 compute's scale on the energy before dE/dx, kept on the device and carried from step to step and from call
+    to call (the trainer holds one for the run): no host sync. A step whose scaled gradient overflows moves by its
+    noise only (its gradient is dropped, counted in `overflows`) and halves the scale; `growth_every` finite steps in
+    a row double it, as torch's GradScaler does for parameter gradients."""
+
+    def __init__(self, device, init: float = FP16_INPUT_GRAD_SCALE, growth_every: int = 200, max_scale: float = 2.0 ** 24):
+        self.scale = torch.tensor(float(init), device=device)
+        self.streak = torch.zeros((), device=device)
+        self.overflows = torch.zeros((), device=device)
+        self.growth_every, self.max_scale = growth_every, max_scale
+
+    def unscale(self, g: torch.Tensor) -> torch.Tensor:
+        """The gradient of scale * E -> dE/dx (zero where it overflowed); updates the scale, all on the device."""
+        ok = torch.isfinite(g).all()
+        g = torch.where(ok, g / self.scale, torch.zeros_like(g))
+        self.streak = torch.where(ok, self.streak + 1, torch.zeros_like(self.streak))
+        grow = self.streak >= self.growth_every
+        self.scale = torch.where(ok, torch.where(grow, (self.scale * 2).clamp(max=self.max_scale), self.scale),
+                                 (self.scale / 2).clamp(min=1.0))
+        self.streak = torch.where(grow, torch.zeros_like(self.streak), self.streak)
+        self.overflows = self.overflows + (~ok).float()
+        return g
+
+
 @dataclass
 class LangevinStats:
     energy_start: torch.Tensor  # mean energy before the first step (0-dim, no sync taken)
@@ -50,7 +75,8 @@ def langevin(energy: EnergyFn, x: torch.Tensor, steps: int, step_size: float, no
     x0 = x.clone()
     grad_abs = x.new_zeros(())
     e_start = e_end = x.new_zeros(())
-    scale = float(getattr(energy, "grad_scale", 1.0))
+    scale = getattr(energy, "grad_scale", 1.0)
+    scale = scale if isinstance(scale, InputGradScale) else float(scale)
     for t in range(steps):
         if noise > 0:
             eps = torch.randn(x.shape, device=x.device, generator=generator) if generator is not None \
@@ -81,7 +107,12 @@ def langevin(energy: EnergyFn, x: torch.Tensor, steps: int, step_size: float, no
 def energy_and_input_grad(energy: EnergyFn, x: torch.Tensor, scale: float = 1.0):
     """E(x) and dE/dx (fp32) with no parameter gradients. `scale` > 1 (fp16 compute) scales the energy before the
     backward so that small input-gradients do not flush to zero in fp16, and is halved until the gradient is
-    finite; returns the scale that worked (the next step starts there)."""
+    finite; returns the scale that worked (the next step starts there). An `InputGradScale` (what fp16 sampling
+    uses) instead drops an overflowed step's gradient and halves its scale on the device, without a host sync."""
+    if isinstance(scale, InputGradScale):
+        e = energy(x)
+        (g,) = torch.autograd.grad(e.sum() * scale.scale, x)
+        return e, scale.unscale(g.float()), scale
     while True:
         e = energy(x)
         (g,) = torch.autograd.grad(e.sum() * scale if scale != 1.0 else e.sum(), x)
@@ -136,16 +167,22 @@ def _compiled_forward():
 
 
 def model_energy(model: nn.Module, labels: Optional[torch.Tensor], dtype: torch.dtype,
-                 channels_last: bool = False, compile: bool = False) -> EnergyFn:
+                 channels_last: bool = False, compile: bool = False,
+                 grad_scale: Optional[InputGradScale] = None) -> EnergyFn:
     """An energy callable over a bare module (never a DeepSpeed engine): fp32 chains, `dtype` compute; the module
     gets the fp32 chain and casts it itself (EnergyModel's stem reads it in fp32, models/resnet.py).
     `channels_last` feeds the convolutions NHWC (faster in bf16 on CPU and GPU; in fp32 it changes the
     summation order, not the maths); `compile` runs the forward (and so its input-backward) through
-    torch.compile, once per model, dtype and batch shape. Use inside `frozen(model)`."""
+    torch.compile, once per model, dtype and batch shape. Use inside `frozen(model)`. fp16: `grad_scale`, the run's
+    InputGradScale to carry from call to call (a new one, starting at 2^14, when None)."""
     fwd = _compiled_forward() if compile else _forward
     fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     def energy(x: torch.Tensor) -> torch.Tensor:
         return fwd(model, x, labels, dtype, fmt)
-    energy.grad_scale = FP16_INPUT_GRAD_SCALE if dtype == torch.float16 else 1.0
+    if dtype == torch.float16:
+        energy.grad_scale = grad_scale if grad_scale is not None else InputGradScale(
+            next(model.parameters()).device)
+    else:
+        energy.grad_scale = 1.0
     return energy

@@ -3,7 +3,8 @@
 Points: `kill_at_step` (SIGKILL this rank after the step), `kill_in_save` (SIGKILL after DeepSpeed's files
 of the checkpoint at that step are written, before this rank's state file and the commit),
 `nan_loss` (this rank's loss becomes NaN at that step), `collapse` (this rank's negatives become one flat
-grey image at that step: a collapsed sampler). rank `*` matches every rank. Each fault fires once per
+grey image at that step: a collapsed sampler), `nan_weight` (a NaN in this rank's share of the first weight, just
+before the finite-weights check of the commit at that step: under ZeRO-3 its partition). rank `*` matches every rank. Each fault fires once per
 process, so a step that a guard rollback replays runs clean.
 """
 import os

@@ -68,6 +68,14 @@ def stale(run_dir: Path, floor_s: float = 60.0) -> list[str]:
     return out
 
 
+def read_beat(run_dir: Path, rank: int) -> Optional[dict]:
+    """Rank `rank`'s heartbeat record (rank, host, pid, step, phase, step_s, time), None without one."""
+    try:
+        return json.loads((Path(run_dir) / "heartbeat" / f"rank_{rank:05d}.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def last_beat(run_dir: Path, rank: int) -> Optional[str]:
     """What rank `rank` last reported: host, pid, step, phase and how long ago; None without a heartbeat file."""
     try:

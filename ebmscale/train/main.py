@@ -6,6 +6,7 @@ Runs the same under the launcher (submitit, local or SLURM), torchrun, srun or p
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import json
 import os
 import shutil
@@ -194,13 +195,27 @@ def build_engine(cfg, rank: int, ds_cfg: dict):
     # cast before DeepSpeed: it casts parameters but not the spectral-norm buffers
     model = build_model(cfg.model).to(compute_dtype(cfg.train.precision))
     if torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
+    if cfg.train.deterministic:
+        set_deterministic()
     torch.manual_seed(cfg.run.seed + 7919 * rank)
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim), config=ds_cfg)
     distributed.time_out_every_group(cfg.train.collective_timeout_s)
     if cfg.guard.enabled:
         check_discard_supported(engine)
     return engine
+
+
+def set_deterministic() -> None:
+    """train.deterministic: the same numbers on the same GPU and software, run after run (and so a resume that is
+    bit-exact on CUDA, as it is on CPU without this): deterministic cuDNN kernels, no TF32, torch's deterministic
+    algorithms (cuBLAS needs CUBLAS_WORKSPACE_CONFIG set before its first call). Slower."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.use_deterministic_algorithms(True, warn_only=True)  # an op without a deterministic kernel warns, by name
 
 
 def take_run_folder(out: Path, rank: int):
@@ -225,6 +240,9 @@ def quiet_unactionable_warnings() -> None:
 
 
 def main(cfg) -> stop.Outcome:
+    # a rank aborted from C++ (NCCL's watchdog: SIGABRT, no Python exception) still leaves its Python stacks in its
+    # log, where the launcher's report() reads that it was waiting in a collective, not the one that hung
+    faulthandler.enable()
     d = distributed.init(timeout_s=cfg.train.collective_timeout_s)
     setup_logging(d.rank)
     quiet_unactionable_warnings()
@@ -239,6 +257,7 @@ def main(cfg) -> stop.Outcome:
 
 def _main(cfg, d, out: Path, held=None) -> stop.Outcome:
     torch.set_num_threads(cfg.train.threads or distributed.cpu_threads(d.local_world_size, cfg.data.workers))
+    print(distributed.placement(d), flush=True)  # every rank, into its own log (a logger shows rank 0 only)
     if d.rank == 0:
         try:
             prepare_run_dir(cfg, out)

@@ -5,6 +5,7 @@ The trainer receives built components; it never reads raw config to construct th
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -21,16 +22,49 @@ from ebmscale.config import icd_active
 from ebmscale.log import get_logger
 from ebmscale.progress import progress_line
 from ebmscale.sampling import frozen, langevin, model_energy
+from ebmscale.sampling.langevin import InputGradScale
 from ebmscale.train import faults, stop
 from ebmscale.train.checkpoint import RNG, Checkpointer, healthy_checkpoints, restore, step_of
 from ebmscale.precision import compute_dtype
 from ebmscale.train.guard import SEVERITY, Guard, GuardFailure, Verdict, build_guard, discard_gradients, norms
 from ebmscale.train.heartbeat import Heartbeat
 from ebmscale.train.icd import ICD
+from ebmscale.train.timing import Marks, step_times
 from ebmscale.train.loss import cd_loss
 from ebmscale.tracking import system
 
 log = get_logger(__name__)
+
+
+def peak_memory_gb(device) -> float:
+    """The most memory this rank has held: the GPU's allocator peak on CUDA (a host-side counter, no sync), the
+    process's peak resident set on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def _partition(p: torch.nn.Parameter) -> torch.Tensor:
+    """The elements of a ZeRO-3 parameter this rank holds, without the padding of the last partition (torch.empty:
+    garbage, NaN at times)."""
+    part = p.ds_tensor.ds_numel
+    rank = dist.get_rank(group=p.ds_process_group) if dist.is_initialized() else 0
+    return p.ds_tensor.detach().view(-1)[:max(0, min(part, p.ds_numel - rank * part))]
+
+
+def weights_finite(module: torch.nn.Module, device, step: int = 0, rank: int = 0) -> bool:
+    """Whether every weight is finite on every rank: each rank sums the squares of what it holds (under ZeRO-3 its
+    partition `ds_tensor`, whatever stage3_param_persistence_threshold keeps whole; else the full replica), and one
+    all-reduce adds them, so every rank sees the whole weights and gives the same answer."""
+    held = [_partition(p) if hasattr(p, "ds_tensor") else p.detach() for p in module.parameters()]
+    if faults.active("nan_weight", step, rank):  # a NaN in this rank's share of the first weight it holds
+        next(t for t in held if t.numel()).view(-1)[0] = float("nan")
+        log.warning(f"fault injection: nan_weight at step {step} on rank {rank}")
+    held_norms = norms([t for t in held if t.numel()])
+    sq = torch.stack(held_norms).float().pow(2).sum().to(device) if held_norms else torch.zeros((), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sq)
+    return bool(torch.isfinite(sq))
 
 
 class Trainer:
@@ -48,6 +82,8 @@ class Trainer:
         self.guard = guard or build_guard(cfg, world_size, self.device)
         self.heartbeat = Heartbeat(self.run_dir, rank)
         self.icd = ICD(cfg, buffer.shape, self.device) if icd_active(cfg) else None
+        # fp16: the input-gradient scale carried over the run, on the device (sampling/langevin.py: InputGradScale)
+        self.input_grad_scale = InputGradScale(self.device) if self.dtype == torch.float16 else None
 
     # ---- one step -----------------------------------------------------------------------------
     def sample_negatives(self, n: int, frames: Optional[list] = None, y_pos: Optional[torch.Tensor] = None):
@@ -60,7 +96,7 @@ class Trainer:
         tail = self.icd.cfg.kl_steps if self.icd else 0  # ICD: the last steps keep the graph, for the KL term
         with frozen(self.engine.module, s.channels_last) as model:
             energy = model_energy(model, y if self.conditional else None, self.dtype,
-                                  channels_last=s.channels_last, compile=s.compile)
+                                  channels_last=s.channels_last, compile=s.compile, grad_scale=self.input_grad_scale)
             x, stats = langevin(energy, x0, s.steps - tail, s.step_size, s.noise, s.grad_clip,
                                 frames=frames, frame_every=max(1, s.steps // 10) if frames is not None else 0)
         x_final = self.icd.last_steps(self.engine.module, x, y if self.conditional else None, self.dtype) \
@@ -70,12 +106,13 @@ class Trainer:
         return x, y, fresh, born, stats, x_final
 
     def train_step(self, x_pos: torch.Tensor, y_pos: torch.Tensor, frames: Optional[list] = None) -> dict:
-        t0 = time.perf_counter()
+        marks = Marks(self.device)  # CUDA events on a GPU: read at log steps only (train/timing.py)
+        marks.mark("start")
         n = x_pos.shape[0]
         x_neg, y_neg, fresh, born, lstats, x_final = self.sample_negatives(n, frames, y_pos)
         if faults.active("collapse", self.step + 1, self.rank):
             x_neg = torch.full_like(x_neg, 0.5)
-        t1 = time.perf_counter()
+        marks.mark("sampled")
         x = torch.cat([x_pos, x_neg])  # fp32: the model's stem reads it in fp32 (models/resnet.py)
         if self.cfg.train.channels_last_update:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -91,19 +128,19 @@ class Trainer:
         if faults.active("nan_loss", self.step + 1, self.rank):
             loss = loss * float("nan")
         self.engine.backward(loss)  # the optimizer step waits for the guard's verdict: update()
-        t2 = time.perf_counter()
+        marks.mark("backward")
         return {"loss": loss.detach(), "e_pos": e_pos.detach().mean(), "e_neg": e_neg.detach().mean(),
                 "langevin": lstats, "fresh": fresh.float().mean(), "age": (self.step - born).float().mean(),
-                "t_sample": t1 - t0, "t_update": t2 - t1, "x_neg": x_neg, "y_neg": y_neg,
+                "marks": marks, "x_neg": x_neg, "y_neg": y_neg,
                 "e_pos_all": e_pos.detach(), "e_neg_all": e_neg.detach(), "x_pos": x_pos, "icd": icd_stats}
 
     def update(self, out: dict, skip: bool) -> None:
-        t = time.perf_counter()
+        out["marks"].mark("update")
         if skip:
             discard_gradients(self.engine)  # on every rank alike: the verdict is the same everywhere
         else:
             self.engine.step()
-        out["t_update"] += time.perf_counter() - t
+        out["marks"].mark("updated")
         self.step += 1
         self.images_seen += out["x_pos"].shape[0] * self.world_size
 
@@ -269,10 +306,10 @@ class Trainer:
         m["grad_norm"] = float(gn) if gn is not None else float("nan")
         m["lr"] = float(self.engine.optimizer.param_groups[0]["lr"])
         m["images_per_s"] = images_per_s
-        m["time/sample_s"] = out["t_sample"]
-        m["time/update_s"] = out["t_update"]
+        m.update(step_times(out["marks"]))  # time/sample_s, update_s, step_s, langevin_share
         m["time/data_s"] = data_s_per_img * self.cfg.data.batch_size
         m["buffer/fill"] = len(self.buffer) / self.buffer.capacity
+        m["memory/peak_gb"] = peak_memory_gb(self.device)
         stats = self.stream.stats() if hasattr(self.stream, "stats") else {}
         m["data/bad_samples"] = float(stats.get("bad_samples", 0))
         if self.cfg.tracking.enabled and self.cfg.tracking.system_metrics:
@@ -328,8 +365,7 @@ class Trainer:
         retention still keeps the newest finite checkpoint)."""
         if self.ckpt.pending:
             self.heartbeat.beat(self.step, "commit")
-            params = [p.detach() for p in self.engine.module.parameters()]
-            finite = bool(torch.stack(norms(params)).isfinite().all()) if params else True
+            finite = weights_finite(self.engine.module, self.device, self.step, self.rank)
             folder = self.ckpt.commit(healthy=self.guard.healthy(self.step), finite=finite)
             if folder is not None and self.rank == 0:  # recorded (and uploaded) only once committed
                 self.tracker.record_checkpoint(folder, step_of(folder))
