@@ -8,7 +8,10 @@ OUT_DIR holds
   samples.png        the run's newest negatives grid, when it has one
 
 Loading (`EnergyModel.from_pretrained(OUT_DIR)`, `ebmscale.load_model(OUT_DIR)`) needs torch, safetensors and
-omegaconf only: no DeepSpeed, no ebmscale run folder, no pickle. Exporting reads the run with eval.loading (which
+omegaconf only: no DeepSpeed, no ebmscale run folder, no pickle. An exported folder is data (docs/security.md):
+config.json is read through trust.exported_config (size-capped; only model, sampler, recipe and the ebmscale
+block; the model section checked against the schema), and the weights file must fit that model exactly. The card
+shows the config with its secrets masked (trust.redact), and only pictures that lie inside the run are copied. Exporting reads the run with eval.loading (which
 may need DeepSpeed for ZeRO checkpoints).
 """
 from __future__ import annotations
@@ -19,8 +22,13 @@ from pathlib import Path
 
 import torch
 
+from ebmscale.config import resolve_recipe
+from ebmscale.log import get_logger
+from ebmscale.trust import Untrusted, confined, exported_config, read_json, redact_text
+
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+log = get_logger(__name__)
 
 
 def is_exported(path: str | Path) -> bool:
@@ -28,21 +36,44 @@ def is_exported(path: str | Path) -> bool:
 
 
 def read_config(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / CONFIG).read_text())
+    return exported_config(folder)
+
+
+def _model_config(folder: Path, meta: dict):
+    """config.json's model section as a validated ModelConfig (Untrusted naming the file if it is not one)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ebmscale.config import Config, ConfigError, validate
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), {"model": meta["model"], "data": {"shards": "-"},
+                                                            **({"recipe": meta["recipe"]} if "recipe" in meta else {})})
+        resolve_recipe(cfg)
+        validate(cfg)
+    except (OmegaConfBaseException, ConfigError) as e:
+        raise Untrusted(f"{folder / CONFIG}: model section is not a valid ebmscale model: {str(e).splitlines()[0]}") from None
+    return cfg.model
 
 
 def load_pretrained(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """The model of an exported folder, in eval mode, built from config.json's model section."""
-    from omegaconf import OmegaConf
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from ebmscale.config import ModelConfig
     from ebmscale.models import build_model
     folder = Path(folder)
     if not is_exported(folder):
         raise FileNotFoundError(f"{folder} is not an exported model (needs {WEIGHTS} and {CONFIG}; make one with "
                                 f"`ebmscale export RUN {folder}`)")
-    model = build_model(OmegaConf.merge(OmegaConf.structured(ModelConfig), read_config(folder)["model"]))
+    mcfg = _model_config(folder, read_config(folder))
+    with torch.device("meta"):  # the shapes config.json asks for, before any memory is spent on them
+        shapes = {k: tuple(v.shape) for k, v in build_model(mcfg).state_dict().items()}
+    with safe_open(str(folder / WEIGHTS), "pt") as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    if stored != shapes:
+        diff = sorted(set(stored.items()) ^ set(shapes.items()))[:4]
+        raise RuntimeError(f"{folder / WEIGHTS} does not fit the model of {folder / CONFIG}: e.g. {diff}")
+    model = build_model(mcfg)
     state = load_file(str(folder / WEIGHTS))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -54,14 +85,21 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu", dtyp
 def load_exported(folder: str | Path, device: str | torch.device = "cpu"):
     """(model, a full config with the exported sections, step), the shape eval.loading.load_energy_model returns."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    from ebmscale.config import Config
-    meta = read_config(folder)
-    known = {f for f in Config.__dataclass_fields__}
-    sections = {k: v for k, v in meta.items() if k in known}
-    sections.setdefault("train", {})["precision"] = meta.get("ebmscale", {}).get("precision", "fp32")
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), sections)
-    return load_pretrained(folder, device), cfg, int(meta.get("ebmscale", {}).get("step", 0))
+    from ebmscale.config import PRECISIONS, Config
+    meta = read_config(folder)  # model, sampler, recipe, ebmscale: nothing else is taken from the file
+    e = meta.get("ebmscale", {})
+    precision, step = e.get("precision", "fp32"), e.get("step", 0)
+    if precision not in PRECISIONS or not isinstance(step, int):
+        raise Untrusted(f"{Path(folder) / CONFIG}: ebmscale.precision {precision!r} / step {step!r} not as written "
+                        f"by `ebmscale export`")
+    sections = {k: meta[k] for k in ("model", "sampler", "recipe") if k in meta}
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), {**sections, "train": {"precision": precision}})
+    except OmegaConfBaseException as err:
+        raise Untrusted(f"{Path(folder) / CONFIG}: {str(err).splitlines()[0]}") from None
+    return load_pretrained(folder, device), cfg, step
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -77,8 +115,8 @@ def _eval_results(run: Path) -> list[dict]:
     out = []
     for f in sorted((run / "eval").glob("*.json")):
         try:
-            d = json.loads(f.read_text())
-        except (OSError, ValueError):
+            d = read_json(f, root=run)
+        except (OSError, ValueError):  # Untrusted is a ValueError
             continue
         if isinstance(d, dict) and isinstance(d.get("metrics"), dict):
             out.append({"file": f.name, "task": d.get("task", f.stem), "step": d.get("step"), "metrics": d["metrics"]})
@@ -98,7 +136,7 @@ def _card(cfg, meta: dict, evals: list[dict], n_params: int, grid: bool) -> str:
              f"- parameters: {n_params:,}",
              f"- weights: {WEIGHTS} ({e['dtype']}); trained in {e['precision']}",
              f"- training: {e['step']} steps, batch {d.batch_size} per rank, {e.get('world_size', '?')} ranks",
-             f"- data: `{d.shards}`",
+             f"- data: `{redact_text(str(d.shards))}`",
              f"- Langevin (training): {s.steps} steps, step size {s.step_size}, noise {s.noise}, "
              f"dE/dx clip {s.grad_clip}",
              f"- source checkpoint: `{e['checkpoint']}`"]
@@ -121,6 +159,15 @@ def _card(cfg, meta: dict, evals: list[dict], n_params: int, grid: bool) -> str:
     return "\n".join(lines)
 
 
+def _inside(path: Path, run: Path) -> bool:
+    try:
+        confined(path, run, "sample grid")
+        return True
+    except Untrusted as e:
+        log.warning(f"{e}; not copied into the export")
+        return False
+
+
 def export(src: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
     """Write OUT_DIR from a run folder (its newest healthy committed checkpoint) or a checkpoint folder."""
     from omegaconf import OmegaConf
@@ -137,7 +184,7 @@ def export(src: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(DTYPES[dtype] if v.is_floating_point() else v.dtype).contiguous().clone()
              for k, v in model.state_dict().items()}
-    trainer = json.loads((Path(ckpt) / "trainer.json").read_text())
+    trainer = read_json(Path(ckpt) / "trainer.json")
     container = OmegaConf.to_container(cfg, resolve=True)
     meta = {"model": container["model"], "sampler": container["sampler"]}
     if "recipe" in container:
@@ -148,6 +195,7 @@ def export(src: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
     (out / CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
     grids = sorted((run / "samples").glob("negatives_*.png"), key=lambda p: int(p.stem.split("_")[-1]))
     grids = [g for g in grids if int(g.stem.split("_")[-1]) <= step] or grids
+    grids = [g for g in grids if _inside(g, run)][-1:]  # a picture linked from outside the run is not published
     if grids:
         shutil.copyfile(grids[-1], out / "samples.png")
     (out / CARD).write_text(_card(cfg, meta, _eval_results(run), count_parameters(model), bool(grids)))

@@ -1,7 +1,8 @@
 """Load a trained energy model (and its replay buffer) from a run folder, without DeepSpeed's engine.
 
 Every file is read through checkpoint.load / safe_torch_load: tensors and plain data only, unless the user passed
---trust-pickles (checkpoint.trust_pickles(True)): a colleague's or a downloaded run folder cannot run code."""
+--trust-pickles (checkpoint.trust_pickles(True)): a colleague's or a downloaded run folder cannot run code. Its
+config.yaml is read as data (trust.run_config): its allow_* / trust_* switches are off whatever it says."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,10 +10,10 @@ from typing import Optional
 
 import torch
 
-from ebmscale.config import from_yaml_file
 from ebmscale.log import get_logger
 from ebmscale.models import build_model, set_dropout
 from ebmscale.train.checkpoint import Checkpointer, committed, healthy_checkpoints, latest, load, safe_torch_load
+from ebmscale.trust import run_config
 
 log = get_logger(__name__)
 
@@ -49,7 +50,7 @@ def load_energy_model(path: str | Path, device: str | torch.device = "cpu"):
         model, cfg, step = load_exported(path, device)
         return model, cfg, Path(path), step
     run, ckpt = resolve_checkpoint(path)
-    cfg = from_yaml_file(run / "config.yaml")
+    cfg = run_config(run)
     state = Checkpointer.read_trainer_state(ckpt)
     model = build_model(cfg.model)
     sd = fp32_state_dict(ckpt, int(state.get("zero_stage", cfg.train.zero_stage)))

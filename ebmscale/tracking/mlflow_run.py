@@ -46,6 +46,7 @@ import numpy as np
 
 from ebmscale.log import get_logger
 from ebmscale.tracking.spool import Spool, SpoolFull
+from ebmscale.trust import Untrusted, read_json, redact, redact_text, spool_record
 
 log = get_logger(__name__)
 
@@ -131,7 +132,10 @@ class MlflowTracker:
         self._run_id = run_id or saved.get("run_id")
         self.spool = Spool(spool_dir, int(getattr(cfg, "spool_max_mb", 0) or 0) << 20)
         self.steps: Dict[str, int] = self.spool.state.setdefault("steps", {})  # last step enqueued, per key
+        self._dropped = 0
         for _, r in self.spool.records(start=0):
+            if not self._valid(r, warn=False):
+                continue
             for k in list(r.get("m", ())) + ([f"image:{r['key']}"] if r.get("op") == "image" else []):
                 self.steps[k] = max(self.steps.get(k, -1), r["step"])
         self._server_steps: Dict[str, int] = {}  # the run's latest steps as the store had them when (re)opened
@@ -162,12 +166,22 @@ class MlflowTracker:
 
     @_safe
     def start(self, params: dict, config_yaml_path: Path, tags: dict) -> None:
+        """Params, tags and the config artifact go out with their secrets masked (trust.redact): passwords in
+        URIs, presigned URLs' signatures, tokens in launcher.setup lines."""
         self._save()
         self._started = True
-        config = config_yaml_path and Path(config_yaml_path).exists() and self._stash(config_yaml_path)
+        config = None
+        if config_yaml_path and Path(config_yaml_path).exists():
+            path = self.spool.new_file(Path(config_yaml_path).name)
+            path.write_text(redact_text(Path(config_yaml_path).read_text()))
+            try:
+                self.spool.admit(path)
+                config = str(path.relative_to(self.spool.root))
+            except SpoolFull as e:
+                self._drop(f"artifact {e}")
         self._put({"op": "start", "run_name": self.run_name, "ts": _now_ms(),
-                   "params": {k: str(v)[:6000] for k, v in params.items()},
-                   "tags": {k: str(v)[:8000] for k, v in tags.items()}, **({"file": config} if config else {})})
+                   "params": {k: str(v)[:6000] for k, v in redact(params).items()},
+                   "tags": {k: str(v)[:8000] for k, v in redact(tags).items()}, **({"file": config} if config else {})})
         self._start_sender()
         self._closed.clear()
         deadline = time.monotonic() + 3.0  # a moment for the run id (the launch log prints it), never more
@@ -330,8 +344,21 @@ class MlflowTracker:
                 _warn(f"{self.tracking_uri} is back; sent {self._sent} spooled records")
             self._down = False
 
+    def _valid(self, r: dict, warn: bool = True) -> bool:
+        """trust.spool_record: a record this tracker could have written; else refused by name and dropped (a
+        received run folder's spool may hold anything; nothing outside tracking_spool/files is read or removed)."""
+        try:
+            spool_record(self.spool.root, r)
+            return True
+        except Untrusted as e:
+            if r and warn:  # an empty {} is a torn line, already the spool's to skip
+                self._dropped += 1
+                _warn(f"{e}; record dropped, not sent")
+            return False
+
     def _drain(self) -> None:
         while batch := self.spool.records(limit=256):
+            last, batch = batch[-1][0], [(end, r) for end, r in batch if self._valid(r)]
             i = 0
             while i < len(batch):  # consecutive metrics records go as one log_batch
                 j, n = i + 1, len(batch[i][1].get("m", ()))
@@ -353,6 +380,8 @@ class MlflowTracker:
                 self.spool.ack(batch[j - 1][0])
                 self._sent += len(records)
                 i = j
+            if self.spool.cursor < last:  # refused records at the end of the stretch
+                self.spool.ack(last)
 
     def _send(self, records: list) -> None:
         from mlflow.entities import Metric, RunTag
@@ -374,10 +403,10 @@ class MlflowTracker:
                 c.log_batch(self._run_id, tags=tags[i:i + 100])
         elif op == "image":
             from PIL import Image
-            with Image.open(self.spool.root / r["file"]) as im:
+            with Image.open(self.spool.file(r["file"])) as im:
                 c.log_image(self._run_id, im.convert("RGB"), key=r["key"], step=r["step"], timestamp=r["ts"])
         elif op == "artifact":
-            path = self.spool.root / r["file"]
+            path = self.spool.file(r["file"])
             if path.is_dir():
                 dest = f"{r['artifact_path']}/{path.name}" if r["artifact_path"] else path.name
                 c.log_artifacts(self._run_id, str(path), dest)
@@ -422,7 +451,7 @@ class MlflowTracker:
         for i in range(0, max(len(params), len(tags)), 100):
             c.log_batch(self._run_id, params=params[i:i + 100], tags=tags[i:i + 100])
         if r.get("file"):
-            c.log_artifact(self._run_id, str(self.spool.root / r["file"]), f"restarts/{restarts}" if restarts else None)
+            c.log_artifact(self._run_id, str(self.spool.file(r["file"])), f"restarts/{restarts}" if restarts else None)
         c.set_tag(self._run_id, "restart_count", str(restarts))
 
     def _experiment_id(self, c) -> str:
@@ -449,7 +478,7 @@ class MlflowTracker:
 
     def _load(self) -> dict:
         path = self.run_dir / "tracking.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        return read_json(path, root=self.run_dir) if path.exists() else {}
 
     def _save(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
