@@ -59,7 +59,7 @@ def confined(path: str | Path, root: str | Path, what: str = "file") -> Path:
 def read_bytes(path: str | Path, max_bytes: int, root: Optional[str | Path] = None) -> bytes:
     """At most max_bytes of a regular file (Untrusted if bigger, not a file, or outside root)."""
     real = confined(path, root) if root is not None else Path(path)
-    with open(real, "rb") as f:
+    with os.fdopen(os.open(real, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:  # a FIFO must not block the open
         st = os.fstat(f.fileno())
         if not (st.st_mode & 0o170000 == 0o100000):
             raise Untrusted(f"{path} is not a regular file: refused")
