@@ -235,3 +235,57 @@ def test_evaluate_is_runs(tiny_run, tmp_path):
 
 def run_root(tiny):
     return tiny[0]
+
+
+# ---- sources.cifar10: a tampered batch cannot run code --------------------------------------------------------------
+class _Evil:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def test_cifar10_batch_with_a_code_pickle_is_refused_unrun(tmp_path):
+    import pickle
+
+    from ebmscale.data.sources import cifar10
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    for proto in (2, 5):  # the real files are protocol 2 (python 2); numpy >= 1.16 writes 5 with _frombuffer
+        (root / "data_batch_1").write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8),
+                                                          b"labels": [0, 1]}, protocol=proto))
+        assert len(cifar10(str(tmp_path)).items) == 2
+    (root / "data_batch_1").write_bytes(pickle.dumps({b"data": _Evil(tmp_path / "PWNED"), b"labels": [0]}))
+    with pytest.raises(ValueError, match="posix.system is not allowed|os.system is not allowed"):
+        cifar10(str(tmp_path))
+    assert not (tmp_path / "PWNED").exists()
+
+
+# ---- SIGUSR1 under the launcher: checkpoint and stop (it killed the rank) -------------------------------------------
+@pytest.mark.slow
+def test_sigusr1_to_a_rank_under_the_launcher_checkpoints_and_stops(tmp_path, digits_shards):
+    import signal
+    import time
+
+    from test_launch import DIGITS, _launch, _task_pids
+    run = tmp_path / "run"
+    proc = _launch(["--local", "--nproc", "2", DIGITS, f"run.dir={run}", f"data.shards={digits_shards}/digits-"
+                    "{000000..000003}.tar", "train.steps=100000", "train.log_every=10",
+                    "launcher.entry=ebmscale.launch.selftest:main"])
+    deadline = time.time() + 240
+    while "[selftest] step 10/" not in "".join(p.read_text(errors="replace")
+                                                for p in run.glob("logs/submitit/*_0_log.out")):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"the local job did not start training:\n{proc.communicate()[0]}")
+        time.sleep(0.2)
+    pids = _task_pids(run / "logs" / "submitit")
+    assert len(pids) == 2, pids
+    for pid in pids:  # `scancel --signal=USR1` reaches every task; before issue 23 its default action killed them
+        os.kill(pid, signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 3, out
+    assert "STOPPED by SIGUSR1" in (run / "launcher.log").read_text(), out
+    s = json.loads((run / "selftest.json").read_text())
+    assert s["outcome"] == "preempted" and s["step"] >= 10
