@@ -314,7 +314,12 @@ def merge_overrides(cfg: DictConfig, overrides: List[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not key=value (e.g. train.steps=100)")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+        try:
+            other = OmegaConf.from_dotlist([item])
+        except Exception as e:  # the value is YAML: an unclosed quote or bracket raises yaml's own errors
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({str(e).splitlines()[0]}); "
+                              f"quote it, e.g. key='\"...\"'") from None
+        cfg = _merge(cfg, other, f"override '{item}'")
     return cfg
 
 
