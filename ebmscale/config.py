@@ -287,8 +287,12 @@ def load_config(path: Optional[str | Path] = None, overrides: List[str] = ()) ->
     if path is not None:
         cfg = merge_file(cfg, path)
     cfg = merge_overrides(cfg, overrides)
-    resolve_recipe(cfg)
-    validate(cfg)
+    try:
+        resolve_recipe(cfg)
+        validate(cfg)
+    except OmegaConfBaseException as e:  # e.g. an interpolation ${...} that names no key
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
     return cfg
 
 

@@ -9,7 +9,7 @@ import string
 import tarfile
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ebmscale import trust
@@ -166,6 +166,8 @@ values = st.one_of(st.text(max_size=12), st.sampled_from(["[1,2]", "{a: 1}", "nu
 
 
 @settings(max_examples=60, deadline=5000)
+@example(["train.steps=${oops}"])
+@example(["train.steps='"])
 @given(st.lists(st.builds(lambda k, v, eq: f"{k}{'=' if eq else ''}{v}", keys, values, st.booleans()), max_size=3))
 def test_config_overrides_merge_or_fail_with_a_config_error(overrides):
     try:
@@ -175,7 +177,7 @@ def test_config_overrides_merge_or_fail_with_a_config_error(overrides):
 
 
 # ---- redaction ----------------------------------------------------------------------------------------------------
-secret = st.text(alphabet=string.ascii_letters + string.digits + "%+/", min_size=6, max_size=20)
+secret = st.text(alphabet=string.ascii_letters + string.digits + "%+-_~", min_size=6, max_size=20)  # URI-safe
 
 
 @FAST
