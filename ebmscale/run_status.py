@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ebmscale.train import heartbeat, runlock
 from ebmscale.train.checkpoint import latest, list_checkpoints, step_of
-from ebmscale.trust import read_json, run_config
+from ebmscale.trust import read_json, redact_text, run_config
 
 
 def _tail(path: Path, n: int) -> list[str]:
@@ -30,7 +30,7 @@ def run_status(run: str | Path, log_lines: int = 10) -> dict:
         sorted((run / "logs").rglob("*.log"), key=lambda p: p.stat().st_mtime) if (run / "logs").exists() else []
     final = (run / "FINAL").read_text().strip() if (run / "FINAL").exists() else None
     total = int(run_config(run).train.steps)
-    uri = tracking.get("tracking_uri")
+    uri = redact_text(str(tracking["tracking_uri"])) if tracking.get("tracking_uri") else None
     resolved = read_json(run / "precision.json", root=run) if (run / "precision.json").exists() else {}
     return {
         "run_dir": str(run.resolve()),

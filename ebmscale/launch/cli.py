@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+from ebmscale.trust import redacted_yaml
+
 EXIT_CONFIG = 2
 EXIT_STOPPED = 3
 
@@ -63,7 +65,7 @@ def launch_main(argv: Optional[Sequence[str]] = None) -> int:
     import shutil
 
     args = build_parser().parse_args(argv)
-    from ebmscale.config import ConfigError, run_dir, to_yaml
+    from ebmscale.config import ConfigError, run_dir
     from ebmscale.launch import checks, submit
     from ebmscale.launch.resolve import resolve_config
 
@@ -105,8 +107,8 @@ def launch_main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"\n# ---- local plan (dry run: nothing started) ----\n{nproc} process(es) on this machine via "
                   f"submitit.LocalExecutor, {'NCCL on %d GPU(s)' % ngpu if ngpu else 'gloo on CPU'}; "
                   f"time limit {cfg.launcher.time_min} min; logs in {submit.submitit_folder(out)}")
-        print("\n# ---- resolved config ----")
-        print(to_yaml(cfg), end="")
+        print("\n# ---- resolved config ----")  # secrets masked (trust.redact)
+        print(redacted_yaml(cfg), end="")
         return 0
 
     print("checks passed:")
