@@ -289,3 +289,30 @@ def test_sigusr1_to_a_rank_under_the_launcher_checkpoints_and_stops(tmp_path, di
     assert "STOPPED by SIGUSR1" in (run / "launcher.log").read_text(), out
     s = json.loads((run / "selftest.json").read_text())
     assert s["outcome"] == "preempted" and s["step"] >= 10
+
+
+# ---- shards: .json labels, members per key, unused extensions -------------------------------------------------------
+def test_shard_keys_json_labels_and_bounds(tmp_path, capfd):
+    import tarfile
+
+    from ebmscale.data import build_stream
+    from ebmscale.data.shards import MAX_MEMBERS, tar_samples
+    from test_faults import data_cfgs, png, write_tar
+    good = [(f"g{k:03d}", {"png": png(), "json": json.dumps({"cls": k % 3}).encode()}) for k in range(16)]
+    bad = [("many", {"png": png(), "cls": b"0", **{f"x{i}.txt": b"." for i in range(MAX_MEMBERS)}}),
+           ("nolabel", {"png": png(), "json": b'{"caption": "no class"}'})]
+    write_tar(tmp_path / "s-000000.tar", good[:8] + bad + good[8:])
+    s = build_stream(*data_cfgs(tmp_path / "s-000000.tar", batch_size=8), 0, 1, 0)
+    batches = list(s)
+    assert len(batches) == 2 and sorted(batches[0][1].tolist() + batches[1][1].tolist()) == sorted(
+        k % 3 for k in range(16))
+    logged = capfd.readouterr().err
+    assert s.stats()["bad_samples"] == 2 and f"more than {MAX_MEMBERS} members" in logged
+    assert "has no integer cls/label/class" in logged
+    with tarfile.open(tmp_path / "t.tar", "w") as tar:  # webdataset's keys: everything after the first dot
+        for name in ("a/b.c.seg.png", "a/b.c.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, __import__("io").BytesIO(b"1"))
+    (only,) = list(tar_samples(str(tmp_path / "t.tar"), 10))
+    assert only["__key__"] == "a/b" and "c.seg.png" not in only and "c.txt" not in only  # unused: not read
