@@ -5,7 +5,7 @@ appends to the local spool (spool.py) and returns; one background thread sends t
 the store does not answer, the thread warns once, retries at most every `tracking.retry_s` seconds and sends
 the backlog when it is back. `finish()` waits up to `tracking.flush_timeout_s` for it (main passes 5 s for a
 preemption: the grace time is for the checkpoint); what is still unsent is sent by the next tracker opened on
-the same run_dir, or by `python -m ebmscale.tracking RUN_DIR`. If the store is down at `start()` the run is
+the same run_dir, or by `python -m ebmscale.tracking RUN_DIR [--uri STORE]` (the store named by you, not by the folder). If the store is down at `start()` the run is
 created when it is back.
 
 Status. FINISHED when training completed; FAILED when it raised (a crashed peer rank shows on rank 0 as a
@@ -46,7 +46,7 @@ import numpy as np
 
 from ebmscale.log import get_logger
 from ebmscale.tracking.spool import Spool, SpoolFull
-from ebmscale.trust import Untrusted, read_json, redact, redact_text, spool_record
+from ebmscale.trust import Untrusted, local_store, read_json, redact, redact_text, spool_record
 
 log = get_logger(__name__)
 
@@ -275,7 +275,8 @@ class MlflowTracker:
         self._closed.set()
         if not self.flush(timeout_s):
             _warn(f"{self.spool.pending()} bytes of tracking records unsent, kept in {self.spool.root}; the next "
-                  f"launch sends them, or: python -m ebmscale.tracking {self.run_dir}")
+                  f"launch sends them, or: python -m ebmscale.tracking {self.run_dir}"
+                  f"{'' if self.tracking_uri == local_store(self.run_dir) else ' --uri ' + self.tracking_uri}")
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=1.0)
