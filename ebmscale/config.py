@@ -268,7 +268,7 @@ def _allowed_keys(node: Any, key: str) -> str:
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
-    except OmegaConfBaseException as e:
+    except (OmegaConfBaseException, TypeError, ValueError) as e:  # omegaconf raises a bare TypeError for {} into a list
         key = getattr(e, "full_key", None) or "?"
         msg = str(e).splitlines()[0]
         hint = ""

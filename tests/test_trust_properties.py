@@ -165,9 +165,10 @@ values = st.one_of(st.text(max_size=12), st.sampled_from(["[1,2]", "{a: 1}", "nu
                                                           "[", "${data.shards}", "true", "-3"]))
 
 
-@settings(max_examples=60, deadline=5000)
+@settings(max_examples=40, deadline=5000)
 @example(["train.steps=${oops}"])
 @example(["train.steps='"])
+@example(["launcher.setup={}"])
 @given(st.lists(st.builds(lambda k, v, eq: f"{k}{'=' if eq else ''}{v}", keys, values, st.booleans()), max_size=3))
 def test_config_overrides_merge_or_fail_with_a_config_error(overrides):
     try:
