@@ -276,7 +276,7 @@ def _allowed_keys(node: Any, key: str) -> str:
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
-    except OmegaConfBaseException as e:
+    except (OmegaConfBaseException, TypeError, ValueError) as e:  # omegaconf raises a bare TypeError for {} into a list
         key = getattr(e, "full_key", None) or "?"
         msg = str(e).splitlines()[0]
         hint = ""
@@ -295,8 +295,12 @@ def load_config(path: Optional[str | Path] = None, overrides: List[str] = ()) ->
     if path is not None:
         cfg = merge_file(cfg, path)
     cfg = merge_overrides(cfg, overrides)
-    resolve_recipe(cfg)
-    validate(cfg)
+    try:
+        resolve_recipe(cfg)
+        validate(cfg)
+    except OmegaConfBaseException as e:  # e.g. an interpolation ${...} that names no key
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
     return cfg
 
 
@@ -322,7 +326,12 @@ def merge_overrides(cfg: DictConfig, overrides: List[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not key=value (e.g. train.steps=100)")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+        try:
+            other = OmegaConf.from_dotlist([item])
+        except Exception as e:  # the value is YAML: an unclosed quote or bracket raises yaml's own errors
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({str(e).splitlines()[0]}); "
+                              f"quote it, e.g. key='\"...\"'") from None
+        cfg = _merge(cfg, other, f"override '{item}'")
     return cfg
 
 

@@ -10,8 +10,11 @@ OUT_DIR holds
   samples.png        the run's newest negatives grid, when it has one
 
 Loading (`EnergyModel.from_pretrained(OUT_DIR)`, `ebmscale.load_model(OUT_DIR)`; models/pretrained.py) needs torch,
-safetensors and omegaconf only: no DeepSpeed, no ebmscale run folder, no pickle. Exporting reads the run with
-eval.loading (which may need DeepSpeed for ZeRO checkpoints); the names loaders used from here stay importable.
+safetensors and omegaconf only: no DeepSpeed, no ebmscale run folder, no pickle. An exported folder is data
+(docs/security.md): config.json is read through trust.exported_config (size-capped; only model, sampler, recipe and
+the ebmscale block; the model section checked against the schema), and the weights file must fit that model exactly.
+The card shows no paths or secrets, and only pictures that lie inside the run are copied. Exporting reads the run
+with eval.loading (which may need DeepSpeed for ZeRO checkpoints); the names loaders used from here stay importable.
 """
 from __future__ import annotations
 
@@ -29,10 +32,13 @@ import ebmscale
 from ebmscale.eval.loading import load_energy_model, load_exported, load_model, resolve_checkpoint  # noqa: F401
 from ebmscale.models import count_parameters
 from ebmscale.models.pretrained import CARD, CONFIG, WEIGHTS, is_exported, load_pretrained, read_config  # noqa: F401
+from ebmscale.log import get_logger
 from ebmscale.program import prog
+from ebmscale.trust import Untrusted, confined, read_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 HUB_DATASETS = {"cifar10": "cifar10", "imagenet": "imagenet-1k"}  # a data folder's name (its prefix) -> Hub dataset
+log = get_logger(__name__)
 
 
 def dataset_names(shards: str) -> list[str]:
@@ -64,8 +70,8 @@ def _eval_results(run: Path) -> list[dict]:
     out = []
     for f in sorted((run / "eval").glob("*.json")):
         try:
-            d = json.loads(f.read_text())
-        except (OSError, ValueError):
+            d = read_json(f, root=run)
+        except (OSError, ValueError):  # Untrusted is a ValueError
             continue
         if isinstance(d, dict) and isinstance(d.get("metrics"), dict):
             out.append({"file": f.name, "task": d.get("task", f.stem), "step": d.get("step"), "metrics": d["metrics"]})
@@ -109,6 +115,15 @@ def _card(cfg, meta: dict, evals: list[dict], n_params: int, grid: bool) -> str:
     return "\n".join(lines)
 
 
+def _inside(path: Path, run: Path) -> bool:
+    try:
+        confined(path, run, "sample grid")
+        return True
+    except Untrusted as e:
+        log.warning(f"{e}; not copied into the export")
+        return False
+
+
 def export(src: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
     """Write OUT_DIR from a run folder (its newest healthy committed checkpoint) or a checkpoint folder."""
     if dtype not in DTYPES:
@@ -119,7 +134,7 @@ def export(src: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(DTYPES[dtype] if v.is_floating_point() else v.dtype).contiguous().clone()
              for k, v in model.state_dict().items()}
-    trainer = json.loads((Path(ckpt) / "trainer.json").read_text())
+    trainer = read_json(Path(ckpt) / "trainer.json")
     container = OmegaConf.to_container(cfg, resolve=True)
     meta = {"model": container["model"], "sampler": container["sampler"]}
     if "recipe" in container:
@@ -130,6 +145,7 @@ def export(src: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
     (out / CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
     grids = sorted((run / "samples").glob("negatives_*.png"), key=lambda p: int(p.stem.split("_")[-1]))
     grids = [g for g in grids if int(g.stem.split("_")[-1]) <= step] or grids
+    grids = [g for g in grids if _inside(g, run)][-1:]  # a picture linked from outside the run is not published
     if grids:
         shutil.copyfile(grids[-1], out / "samples.png")
     (out / CARD).write_text(_card(cfg, meta, _eval_results(run), count_parameters(model), bool(grids)))

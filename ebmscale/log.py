@@ -15,6 +15,8 @@ import socket
 import sys
 from typing import Optional
 
+from ebmscale.trust import redact_text
+
 ROOT = "ebmscale"
 
 
@@ -36,6 +38,14 @@ class _Std(logging.StreamHandler):
         pass
 
 
+class _Redacting(logging.Formatter):
+    """Every console line with its secrets masked (trust.redact_text): a tracking URI's password, a presigned
+    URL's signature, a token in a setup line never reach a log file."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
+
+
 def env_rank() -> int:
     return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
 
@@ -46,7 +56,7 @@ def setup(rank: Optional[int] = None, level: Optional[int] = None) -> logging.Lo
     quiet = rank != 0 and os.environ.get("EBMSCALE_LOG_RANKS", "") != "all"
     logger.setLevel(level or (logging.WARNING if quiet else logging.INFO))
     handlers = [h for h in logger.handlers if isinstance(h, _Std)] or [_Std("stdout"), _Std("stderr")]
-    fmt = logging.Formatter(f"%(asctime)s r{rank}@{socket.gethostname()} [{ROOT}] %(message)s", "%Y-%m-%d %H:%M:%S")
+    fmt = _Redacting(f"%(asctime)s r{rank}@{socket.gethostname()} [{ROOT}] %(message)s", "%Y-%m-%d %H:%M:%S")
     for h in handlers:
         h.setFormatter(fmt)
         if h not in logger.handlers:

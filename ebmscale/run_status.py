@@ -1,12 +1,11 @@
 """What a run folder says about its run: latest committed step, checkpoints, world size, MLflow run."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ebmscale.train import heartbeat, runlock
 from ebmscale.train.checkpoint import latest, list_checkpoints, step_of
-from ebmscale.config import from_yaml_file
+from ebmscale.trust import read_json, redact_text, run_config
 
 
 def _tail(path: Path, n: int) -> list[str]:
@@ -22,17 +21,17 @@ def run_status(run: str | Path, log_lines: int = 10) -> dict:
         raise FileNotFoundError(f"{run} is not an ebmscale run folder (no config.yaml)")
     ckpts = list_checkpoints(run / "checkpoints")
     newest = latest(run / "checkpoints", warn=False)  # the one that would be resumed
-    state = json.loads((newest / "trainer.json").read_text()) if newest else {}
+    state = read_json(newest / "trainer.json") if newest else {}  # checkpoints/ may live on another disk
     holder = runlock.check(run)
-    tracking = json.loads((run / "tracking.json").read_text()) if (run / "tracking.json").exists() else {}
+    tracking = read_json(run / "tracking.json", root=run) if (run / "tracking.json").exists() else {}
     partial = [p.name for p in (run / "checkpoints").glob("step_*") if p.is_dir() and p not in ckpts] \
         if (run / "checkpoints").exists() else []
     logs = sorted((run / "logs").rglob("*.out"), key=lambda p: p.stat().st_mtime) + \
         sorted((run / "logs").rglob("*.log"), key=lambda p: p.stat().st_mtime) if (run / "logs").exists() else []
     final = (run / "FINAL").read_text().strip() if (run / "FINAL").exists() else None
-    total = int(from_yaml_file(run / "config.yaml").train.steps)
-    uri = tracking.get("tracking_uri")
-    resolved = json.loads((run / "precision.json").read_text()) if (run / "precision.json").exists() else {}
+    total = int(run_config(run).train.steps)
+    uri = redact_text(str(tracking["tracking_uri"])) if tracking.get("tracking_uri") else None
+    resolved = read_json(run / "precision.json", root=run) if (run / "precision.json").exists() else {}
     return {
         "run_dir": str(run.resolve()),
         "step": int(state.get("step", 0)),

@@ -14,14 +14,15 @@ SAMPLES.npz come from tools/sample.py, which records the run they belong to. The
       --ensemble 10 --source svhn=data/svhn/manifest.json textures=data/textures/manifest.json
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ebmscale.config import from_yaml_file
 from ebmscale.eval.report import Report
+from ebmscale.log import get_logger
 from ebmscale.tracking.pictures import image_grid
 from ebmscale.eval.classifier import digits_as_shards, load_classifier, predict, save_classifier, train_classifier
 from ebmscale.eval.data import read_images
@@ -34,13 +35,25 @@ from ebmscale.eval.restore import denoise, inpaint
 from ebmscale.export import is_exported
 from ebmscale.train.checkpoint import trust_pickles
 from ebmscale.program import prog
+from ebmscale.trust import Untrusted, read_npz, run_config, run_shards as config_shards
+
+log = get_logger(__name__)
 
 
 def load_samples(path: str, run: str | None):
-    """(images as stored: float32 in [0, 1] or uint8, labels, run folder, step) of a tools/sample.py output."""
-    d = np.load(path)
-    run = Path(run) if run else (Path(str(d["run"])) if "run" in d else None)
-    return d["images"], d["labels"], run, int(d["step"]) if "step" in d else 0
+    """(images as stored: float32 in [0, 1] or uint8, labels, run folder, step) of a tools/sample.py output, read
+    as data (trust.read_npz: no pickle, no zip bomb). The run it records is used only if it is a run folder."""
+    try:
+        d = read_npz(path)
+    except Untrusted as e:
+        raise SystemExit(f"evaluate: {e}") from None
+    if run is None and "run" in d:
+        recorded = Path(str(d["run"]))
+        if (recorded / "config.yaml").is_file():
+            run = recorded
+        else:
+            log.warning(f"{path} records run '{str(d['run'])[:200]}', which is not a run folder here; pass --run")
+    return d["images"], d["labels"], Path(run) if run else None, int(d["step"]) if "step" in d else 0
 
 
 def as_float(x: np.ndarray) -> np.ndarray:
@@ -48,14 +61,17 @@ def as_float(x: np.ndarray) -> np.ndarray:
 
 
 def run_shards(run: Path | None, shards: str | None) -> tuple[str, bool]:
-    """(shards spec, whether `pipe:` URLs may run): --shards as given on the command line, else the run's
-    data.shards under its data.allow_pipe."""
+    """(shards spec, whether `pipe:` URLs may run): --shards as typed on the command line (trusted), else the run
+    folder's data.shards read as data (trust.run_config): local files only, never a pipe: command or URL, and
+    never its data.allow_pipe (docs/security.md)."""
     if shards:
         return shards, True
     if run is None or not (run / "config.yaml").exists():
         raise SystemExit("--shards is needed: the samples name no run folder with a config.yaml")
-    data = from_yaml_file(run / "config.yaml").data
-    return data.shards, data.allow_pipe
+    try:
+        return config_shards(run, run_config(run)), False
+    except Untrusted as e:
+        raise SystemExit(f"evaluate: {e}") from None
 
 
 def device_of(a) -> str:
@@ -76,9 +92,10 @@ def cmd_fid(a, with_fid: bool = True) -> dict:
         net = feature_net(a.inception, a.classifier, device_of(a))
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise SystemExit(str(e)) from None
-    spec, allow_pipe = run_shards(run, a.shards)
-    ref = reference_stats(net, spec, x.shape[2], x.shape[1], a.ref_limit, run, allow_pipe=allow_pipe) \
-        if with_fid else None
+    ref = None
+    if with_fid:  # `is` has no reference images (and no --shards)
+        spec, allow_pipe = run_shards(run, a.shards)
+        ref = reference_stats(net, spec, x.shape[2], x.shape[1], a.ref_limit, run, allow_pipe=allow_pipe)
     res = fid_and_is(net, x, ref, a.splits)
     tag = "" if net.key.startswith("inception") else "_classifier"
     report = Report("fid" if with_fid else "is", run, step, a.json)
@@ -212,6 +229,8 @@ def main(argv=None) -> int:
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--trust-pickles", action="store_true",
                         help="load checkpoint files that hold more than tensors (they could run code): only ones you trust")
+    common.add_argument("--tracking-uri", help="log results to this MLflow store (default: MLFLOW_TRACKING_URI, "
+                        "else the run's own local store only); must be the store the run's tracking.json records")
 
     c = sub.add_parser("digits-classifier", parents=[common], help="train the digits CNN (feature network)")
     c.add_argument("out")
@@ -278,6 +297,8 @@ def main(argv=None) -> int:
     c.add_argument("--noise", type=float, help="Langevin noise (default: training's)")
     c.add_argument("--grad-clip", type=float, help="default: training's; 0 = none")
     a = p.parse_args(argv)
+    if a.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = a.tracking_uri  # eval.report: the store the user named
     trust_pickles(a.trust_pickles)
     out = {"digits-classifier": cmd_digits_classifier, "fid": cmd_fid, "is": lambda a: cmd_fid(a, with_fid=False),
      "accuracy": cmd_accuracy, "ood": cmd_ood, "restore": cmd_restore, "paper": cmd_paper}[a.cmd](a)

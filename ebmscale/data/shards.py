@@ -6,6 +6,12 @@ Accepted forms, several joined by `::` (each one source, mixed by `data.weights`
   data/x/shards.txt                   one shard per line (relative to the file's folder), # comments
 Sample counts come from a manifest.json (given, or found beside the shards) or, for local files, by reading the
 tar headers. `pipe:` URLs run shell commands and are refused unless `data.allow_pipe`.
+
+A shard is data someone else may have written (docs/security.md). Reading one is bounded whatever its headers
+say: an extended header (pax, GNU long name/link) over MAX_HEADER_BYTES and any GNU sparse member end the shard as
+unreadable before tarfile reads them into memory; a member over data.max_member_bytes is skipped unread; only the
+extensions ebmscale uses (USED_KEYS) are read; a key with more than MAX_MEMBERS members or more than
+MEMBER_SLOTS x data.max_member_bytes read is a bad sample. Keys follow webdataset's base_plus_ext.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional
 
-import braceexpand
+import braceexpand  # declared in pyproject.toml; webdataset.shardlists.expand_urls would also substitute env vars
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
@@ -87,12 +93,36 @@ def list_shards(spec: str, allow_pipe: bool = False) -> List[Shard]:
 
 
 META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, not samples
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff")
+LABEL_KEYS = ("cls", "json", "pyd", "pickle")  # .pyd/.pickle decoded only under data.allow_pickle
+USED_KEYS = frozenset(IMAGE_KEYS + LABEL_KEYS)
+MAX_HEADER_BYTES = 1 << 16  # one pax / GNU long-name header (a long path is a few KB)
+MAX_MEMBERS = 64  # members under one key (an image, a label, a few extras)
+MEMBER_SLOTS = 2  # bytes read per sample: at most this many members of up to data.max_member_bytes (image, label)
 
 
-def tar_samples(url: str, max_member_bytes: int) -> Iterator[dict]:
-    """The samples of one tar shard, grouped by key as webdataset does: {"__key__", "__url__", ext: bytes}. A member
-    over max_member_bytes is skipped unread, so one huge file costs no memory; its sample carries "__bad__": why."""
-    with gopen(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+class _CappedInfo(tarfile.TarInfo):
+    """tarfile reads an extended header (pax, GNU long name) whole into memory before the member it describes:
+    refuse one over MAX_HEADER_BYTES, global pax headers adding up past it, and GNU sparse members (their
+    extension blocks chain without bound) before they are read. (TarInfo._proc_member: the one hook tarfile has.)"""
+
+    def _proc_member(self, tarfile_):
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise tarfile.HeaderError(f"{self.name}: a GNU sparse member (shards hold none)")
+        if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                         tarfile.SOLARIS_XHDTYPE):
+            seen = getattr(tarfile_, "_global_header_bytes", 0) + (self.size if self.type == tarfile.XGLTYPE else 0)
+            if self.size > MAX_HEADER_BYTES or seen > MAX_HEADER_BYTES:
+                raise tarfile.HeaderError(f"an extended tar header of {self.size:,} bytes (over {MAX_HEADER_BYTES:,})")
+            tarfile_._global_header_bytes = seen
+        return super()._proc_member(tarfile_)
+
+
+def tar_samples(url: str, max_member_bytes: int, keys=USED_KEYS) -> Iterator[dict]:
+    """The samples of one tar shard, grouped by key as webdataset does: {"__key__", "__url__", ext: bytes}, with only
+    the extensions in `keys` read. A member over max_member_bytes is skipped unread, so one huge file costs no
+    memory; its sample carries "__bad__": why, as does a key with too many members or bytes (module docstring)."""
+    with gopen(url) as f, tarfile.open(fileobj=f, mode="r|*", tarinfo=_CappedInfo) as tar:
         sample = None
         for m in tar:
             tar.members = []  # stream mode would keep every header
@@ -102,14 +132,21 @@ def tar_samples(url: str, max_member_bytes: int) -> Iterator[dict]:
             if sample is None or key != sample["__key__"]:
                 if sample is not None:
                     yield sample
-                sample = {"__key__": key, "__url__": url}
-            ext = ext.lower()
-            if m.size > max_member_bytes:
+                sample, members, read = {"__key__": key, "__url__": url}, 0, 0
+            ext, members = ext.lower(), members + 1
+            if members > MAX_MEMBERS:
+                sample["__bad__"] = f"{key}: more than {MAX_MEMBERS} members under one key"
+            elif m.size > max_member_bytes:
                 sample["__bad__"] = f"{m.name} is {m.size:,} bytes, over data.max_member_bytes={max_member_bytes:,}"
             elif ext in sample:
                 sample["__bad__"] = f"{m.name}: a second .{ext} member under one key"
-            else:
-                sample[ext] = tar.extractfile(m).read()
+            elif ext in keys and "__bad__" not in sample:
+                read += m.size
+                if read > MEMBER_SLOTS * max_member_bytes:
+                    sample["__bad__"] = (f"{key}: over {MEMBER_SLOTS} x data.max_member_bytes="
+                                         f"{max_member_bytes:,} bytes read under one key")
+                else:
+                    sample[ext] = tar.extractfile(m).read()
         if sample is not None:
             yield sample
 
@@ -118,12 +155,14 @@ def _count_tar(path: str) -> int:
     """Samples (distinct keys) in a local tar, reading only the headers; a truncated tar counts what is there."""
     keys = set()
     try:
-        with tarfile.open(path) as tar:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*", tarinfo=_CappedInfo) as tar:
             for m in tar:
-                if m.isreg():
+                tar.members = []
+                if m.isreg() and not META.match(m.name):
                     keys.add(base_plus_ext(m.name)[0])
     except (tarfile.TarError, OSError, EOFError):
         pass
+    keys.discard(None)
     return len(keys)
 
 

@@ -71,8 +71,9 @@ def digits() -> Source:
 
 
 def cifar10(root: str, split: str = "train") -> Source:
-    """The CIFAR-10 python batches (cifar-10-batches-py/data_batch_1..5, test_batch). This is the only pickle
-    ebmscale ever reads: the user's own download, named on the command line."""
+    """The CIFAR-10 python batches (cifar-10-batches-py/data_batch_1..5, test_batch). They are pickles, read with
+    a restricted unpickler (`_unpickle`): dicts, lists, str/bytes/numbers and numpy arrays only, so a tampered
+    batch cannot run code."""
     root = Path(root)
     if (root / "cifar-10-batches-py").is_dir():
         root = root / "cifar-10-batches-py"
@@ -90,9 +91,29 @@ def cifar10(root: str, split: str = "train") -> Source:
     return Source("cifar10", str(root.resolve()), items, classes)
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """Finds only what a pickled dict of numpy arrays needs; any other global (os.system, builtins.eval, a class
+    with a __reduce__) is refused before it is called."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"), ("numpy.core.numeric", "_frombuffer"),
+               ("numpy._core.numeric", "_frombuffer")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-10 batch (numpy arrays only)")
+
+
 def _unpickle(path: Path) -> dict:
     with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+        try:
+            out = _ArraysOnly(f, encoding="bytes").load()
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{path}: not a CIFAR-10 python batch: {e}") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{path}: not a CIFAR-10 python batch (a {type(out).__name__}, not a dict)")
+    return out
 
 
 def open_source(kind: str, src: Optional[str], mapping: Optional[str] = None, split: str = "train") -> Source:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import logging
 import multiprocessing as mp
 import pickle
@@ -29,16 +30,15 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.filters import _shuffle
 
 from ebmscale.config import ConfigError
 from ebmscale.data.images import decode, open_for, to_mode
-from ebmscale.data.shards import count_samples, resolve, tar_samples
+from ebmscale.data.shards import IMAGE_KEYS, count_samples, resolve, tar_samples
 from ebmscale.data.writer import sha256_of
 
 log = logging.getLogger("ebmscale.data")
 FORKSERVER_PRELOAD = ("ebmscale.data.stream",)  # what loader workers import before forking
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff")
+MAX_JSON_LABEL = 1 << 16  # a .json label is a small object: {"cls": 3} (or "label" / "class"), or a bare integer
 MIN_CHECKED = 100  # samples (good + bad) a worker reads before data.max_bad_fraction is enforced
 LOG_FIRST, LOG_EVERY_S = 10, 60.0  # bad samples: log the first ten, then one line a minute
 RRC_SCALE, RRC_RATIO = (0.25, 1.0), (3 / 4, 4 / 3)  # random-resized-crop: area fraction, aspect range
@@ -56,6 +56,27 @@ class BadSample(ValueError):
     pass
 
 
+def shuffled(data, bufsize: int, initial: int, rng: random.Random):
+    """A shuffle buffer: webdataset's filters._shuffle (1.0.2) line for line, so the stream is unchanged, without
+    its private API: fill to `initial` (taking two items per step while under bufsize), then yield a random one."""
+    data, buf, initial = iter(data), [], min(initial, bufsize)
+    for sample in data:
+        buf.append(sample)
+        if len(buf) < bufsize:
+            buf.extend(itertools.islice(data, 1))
+        if len(buf) >= initial:
+            yield _pick(buf, rng)
+    while buf:
+        yield _pick(buf, rng)
+
+
+def _pick(buf: list, rng: random.Random):
+    k = rng.randint(0, len(buf) - 1)
+    sample, buf[k] = buf[k], buf[-1]
+    buf.pop()
+    return sample
+
+
 def _rng(*key) -> random.Random:
     return random.Random("/".join(map(str, key)))  # str seeds hash with sha512: same in every process
 
@@ -70,6 +91,20 @@ def _crop_box(w: int, h: int, rng: np.random.Generator):
             return x0, y0, x0 + cw, y0 + ch
     s = min(w, h)
     return (w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s
+
+
+def _json_label(data: bytes) -> int:
+    """A .json label: a bare integer, or an object with an integer "cls", "label" or "class" (in that order)."""
+    if len(data) > MAX_JSON_LABEL:
+        raise BadSample(f".json label of {len(data):,} bytes (over {MAX_JSON_LABEL:,})")
+    try:
+        d = json.loads(data)
+    except ValueError as e:
+        raise BadSample(f".json label is not JSON: {e}") from None
+    y = next((d[k] for k in ("cls", "label", "class") if k in d), None) if isinstance(d, dict) else d
+    if not isinstance(y, int) or isinstance(y, bool):
+        raise BadSample(f".json label {str(d)[:80]} has no integer cls/label/class")
+    return y
 
 
 class ShardBatches(IterableDataset):
@@ -110,7 +145,7 @@ class ShardBatches(IterableDataset):
         for n, urls in enumerate(passes):
             samples = self._read(urls)
             if self.shuffle_buffer > 1:
-                samples = _shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), _rng(*key, n))
+                samples = shuffled(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), _rng(*key, n))
             for sample in samples:
                 i += 1
                 if i < skip * self.batch_size:  # used before a restart: skipped undecoded
@@ -164,12 +199,14 @@ class ShardBatches(IterableDataset):
     def _label(self, sample: dict) -> int:
         if "cls" in sample:
             y = int(sample["cls"])
+        elif "json" in sample:
+            y = _json_label(sample["json"])
         elif "pyd" in sample or "pickle" in sample:
             if not self.allow_pickle:
                 raise BadSample("label is pickled (.pyd/.pickle); set data.allow_pickle=true only for shards you trust")
             y = int(pickle.loads(sample.get("pyd", sample.get("pickle"))))
         else:
-            raise BadSample("no label (.cls) but model.num_classes > 0")
+            raise BadSample("no label (.cls or .json) but model.num_classes > 0")
         if not 0 <= y < self.num_classes:
             raise BadSample(f"label {y} outside model.num_classes={self.num_classes}")
         return y

@@ -15,6 +15,7 @@ from ebmscale.data.shards import is_local, list_shards
 from ebmscale.eval.data import iter_images
 from ebmscale.eval.metrics import frechet_distance, gaussian_stats, inception_score
 from ebmscale.eval.classifier import load_classifier
+from ebmscale.trust import read_npz
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
@@ -91,7 +92,7 @@ def reference_stats(net: nn.Module, spec: str, size: int, channels: int, limit: 
     path = cache_path(spec, net.key, size, channels, limit, run_dir)
     if path.exists():
         log(f"reference statistics from {path}")
-        return dict(np.load(path))
+        return read_npz(path, keys=("mu", "sigma", "n"))  # may lie in a received run's eval/: read as data
     log(f"reference statistics of the images of {spec} -> {path}")
     stats = gaussian_stats(np.concatenate([extract(net, x)[0] for x, _ in iter_images(spec, size, channels, limit,
                                                                                         allow_pipe=allow_pipe)]))

@@ -2,7 +2,8 @@
 without DeepSpeed's engine: the one loader that eval/, the commands and export.py share.
 
 Every file is read through checkpoint.load / safe_torch_load: tensors and plain data only, unless the user passed
---trust-pickles (checkpoint.trust_pickles(True)): a colleague's or a downloaded run folder cannot run code."""
+--trust-pickles (checkpoint.trust_pickles(True)): a colleague's or a downloaded run folder cannot run code. Its
+config.yaml is read as data (trust.run_config): its allow_* / trust_* switches are off whatever it says."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,14 +11,16 @@ from typing import Optional
 
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from ebmscale.config import Config, from_yaml_file
+from ebmscale.config import PRECISIONS, Config
 from ebmscale.log import get_logger
 from ebmscale.models import build_model, set_dropout
-from ebmscale.models.pretrained import is_exported, load_pretrained, read_config
+from ebmscale.models.pretrained import CONFIG, is_exported, load_pretrained, read_config
 from ebmscale.precision import compute_dtype, resolve_here
 from ebmscale.train.checkpoint import (Checkpointer, committed, healthy_checkpoints, invalid, latest, load,
                                        safe_torch_load)
+from ebmscale.trust import Untrusted, run_config
 
 log = get_logger(__name__)
 
@@ -54,12 +57,18 @@ def fp32_state_dict(ckpt: Path, zero_stage: int) -> dict:
 
 def load_exported(folder: str | Path, device: str | torch.device = "cpu"):
     """(model, a full config with the exported sections, step), the shape load_energy_model returns."""
-    meta = read_config(folder)
-    known = {f for f in Config.__dataclass_fields__}
-    sections = {k: v for k, v in meta.items() if k in known}
-    sections.setdefault("train", {})["precision"] = meta.get("ebmscale", {}).get("precision", "fp32")
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), sections)
-    return load_pretrained(folder, device), cfg, int(meta.get("ebmscale", {}).get("step", 0))
+    meta = read_config(folder)  # model, sampler, recipe, ebmscale: nothing else is taken from the file
+    e = meta.get("ebmscale", {})
+    precision, step = e.get("precision", "fp32"), e.get("step", 0)
+    if precision not in PRECISIONS or not isinstance(step, int):
+        raise Untrusted(f"{Path(folder) / CONFIG}: ebmscale.precision {precision!r} / step {step!r} not as written "
+                        f"by `ebmscale export`")
+    sections = {k: meta[k] for k in ("model", "sampler", "recipe") if k in meta}
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), {**sections, "train": {"precision": precision}})
+    except OmegaConfBaseException as err:
+        raise Untrusted(f"{Path(folder) / CONFIG}: {str(err).splitlines()[0]}") from None
+    return load_pretrained(folder, device), cfg, step
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -77,7 +86,7 @@ def load_energy_model(path: str | Path, device: str | torch.device = "cpu"):
         model, cfg, step = load_exported(path, device)
         return model, cfg, Path(path), step
     run, ckpt = resolve_checkpoint(path)
-    cfg = from_yaml_file(run / "config.yaml")
+    cfg = run_config(run)
     state = Checkpointer.read_trainer_state(ckpt)
     model = build_model(cfg.model)
     sd = fp32_state_dict(ckpt, int(state.get("zero_stage", cfg.train.zero_stage)))

@@ -1,9 +1,13 @@
 """Where evaluation results go: a JSON file, and the training run's MLflow run (found through RUN/tracking.json)
 as `eval/...` metrics at the checkpoint's step, pictures and the JSON as artifacts. The MLflow part never
-fails the evaluation: if the store is unreachable it warns, and the JSON still has everything."""
+fails the evaluation: if the store is unreachable it warns, and the JSON still has everything.
+The store is the one the user names (--tracking-uri / MLFLOW_TRACKING_URI) or the run's own local SQLite store;
+a tracking.json naming another is not followed (trust.tracking_target): a run folder does not decide where
+MLflow credentials go."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -12,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from ebmscale.log import get_logger
+from ebmscale.trust import Untrusted, read_json, tracking_target
 
 log = get_logger(__name__)
 
@@ -53,7 +58,12 @@ class Report:
         if saved is None or not saved.exists():
             _warn(f"no {saved or 'RUN/tracking.json'}: results only in {self.json_path}")
             return None
-        t = json.loads(saved.read_text())
+        try:
+            t = read_json(saved, root=self.run_dir)
+            t["tracking_uri"] = tracking_target(self.run_dir, t, os.environ.get("MLFLOW_TRACKING_URI"))
+        except (Untrusted, OSError) as e:
+            _warn(f"not logged to MLflow: {e}; results in {self.json_path}")
+            return None
         try:
             from mlflow.entities import Metric
             from mlflow.tracking import MlflowClient

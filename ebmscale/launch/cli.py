@@ -17,12 +17,13 @@ from typing import Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from ebmscale.config import ConfigError, run_dir, to_yaml
+from ebmscale.config import ConfigError, run_dir
 from ebmscale.program import prog
 from ebmscale.launch import checks, submit
 from ebmscale.launch.resolve import resolve_config
 from ebmscale.tracking import default_uri
 from ebmscale.train.entry import EXIT_CONFIG, EXIT_STOPPED, parse_train_args, train_main  # noqa: F401 (their old home)
+from ebmscale.trust import redacted_yaml
 
 DESCRIPTION = """\
 Launch an ebmscale training run: on SLURM through submitit (when sbatch is on PATH), or with
@@ -105,8 +106,8 @@ def launch_main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"\n# ---- local plan (dry run: nothing started) ----\n{nproc} process(es) on this machine via "
                   f"submitit.LocalExecutor, {'NCCL on %d GPU(s)' % ngpu if ngpu else 'gloo on CPU'}; "
                   f"time limit {cfg.launcher.time_min} min; logs in {submit.submitit_folder(out)}")
-        print("\n# ---- resolved config ----")
-        print(to_yaml(cfg), end="")
+        print("\n# ---- resolved config ----")  # secrets masked (trust.redact)
+        print(redacted_yaml(cfg), end="")
         return 0
 
     print("checks passed:")

@@ -17,8 +17,9 @@ Stop / requeue protocol (why it is not submitit's default):
   * SIGUSR2 (time limit in `launcher.signal_delay_s`, or a site's preemption notice): save, then
     rank 0 requeues, up to `launcher.max_requeues` (counted by SLURM_RESTART_COUNT / our own counter).
     At the limit the job fails with RequeueLimitReached (exit 1, a STOPPED line in launcher.log).
-  * SIGTERM (scancel, `scontrol requeue`, preemption in REQUEUE/CANCEL mode, node shutdown): save and
-    exit without requeueing: SLURM requeues by itself where that is what is happening.
+  * SIGTERM (scancel, `scontrol requeue`, preemption in REQUEUE/CANCEL mode, node shutdown) and SIGUSR1 (a
+    user's "checkpoint and stop", e.g. `scancel --signal=USR1`): save and exit without requeueing: SLURM
+    requeues by itself where that is what is happening.
 Every attempt appends one line when it starts and one when it ends to RUN_DIR/launcher.log.
 """
 from __future__ import annotations
@@ -106,7 +107,9 @@ class TrainJob:
         setup_logging(d.rank)
         preempt_sig = env._usr_sig()
         stop.clear()
-        stop.install_handlers((preempt_sig, signal.SIGTERM))
+        # SIGUSR1 too (the README's stop signals are USR1, USR2 and TERM): without a handler its default action
+        # killed the rank outright under the launcher; now it is a checkpoint-and-stop like SIGTERM
+        stop.install_handlers(tuple(dict.fromkeys((preempt_sig, signal.SIGUSR1, signal.SIGTERM))))
         stop.install_interrupt_handler()  # a terminal's Ctrl-C reaches every task of a --local job
         shield_helper_processes(forkserver=self.cfg.get("data", {}).get("workers", 0) > 0)
 

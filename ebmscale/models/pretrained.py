@@ -6,16 +6,18 @@ exporter, which itself reads run folders through eval/loading.py.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ebmscale.config import ModelConfig
+from ebmscale.config import Config, ConfigError, resolve_recipe, validate
 from ebmscale.models.multiscale import build_model
 from ebmscale.models.resnet import EnergyModel
+from ebmscale.trust import Untrusted, exported_config
 
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
 
@@ -25,7 +27,20 @@ def is_exported(path: str | Path) -> bool:
 
 
 def read_config(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / CONFIG).read_text())
+    """config.json as data (trust.exported_config: size-capped; model, sampler, recipe and ebmscale only)."""
+    return exported_config(folder)
+
+
+def model_config(folder: Path, meta: dict):
+    """config.json's model section as a validated ModelConfig (Untrusted naming the file if it is not one)."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), {"model": meta["model"], "data": {"shards": "-"},
+                                                            **({"recipe": meta["recipe"]} if "recipe" in meta else {})})
+        resolve_recipe(cfg)
+        validate(cfg)
+    except (OmegaConfBaseException, ConfigError) as e:
+        raise Untrusted(f"{folder / CONFIG}: model section is not a valid ebmscale model: {str(e).splitlines()[0]}") from None
+    return cfg.model
 
 
 def load_pretrained(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -34,7 +49,15 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu", dtyp
     if not is_exported(folder):
         raise FileNotFoundError(f"{folder} is not an exported model (needs {WEIGHTS} and {CONFIG}; make one with "
                                 f"`ebmscale export RUN {folder}`)")
-    model = build_model(OmegaConf.merge(OmegaConf.structured(ModelConfig), read_config(folder)["model"]))
+    mcfg = model_config(folder, read_config(folder))
+    with torch.device("meta"):  # the shapes config.json asks for, before any memory is spent on them
+        shapes = {k: tuple(v.shape) for k, v in build_model(mcfg).state_dict().items()}
+    with safe_open(str(folder / WEIGHTS), "pt") as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    if stored != shapes:
+        diff = sorted(set(stored.items()) ^ set(shapes.items()))[:4]
+        raise RuntimeError(f"{folder / WEIGHTS} does not fit the model of {folder / CONFIG}: e.g. {diff}")
+    model = build_model(mcfg)
     state = load_file(str(folder / WEIGHTS))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

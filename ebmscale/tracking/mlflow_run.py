@@ -5,7 +5,7 @@ appends to the local spool (spool.py) and returns; one background thread sends t
 the store does not answer, the thread warns once, retries at most every `tracking.retry_s` seconds and sends
 the backlog when it is back. `finish()` waits up to `tracking.flush_timeout_s` for it (main passes 5 s for a
 preemption: the grace time is for the checkpoint); what is still unsent is sent by the next tracker opened on
-the same run_dir, or by `python -m ebmscale.tracking RUN_DIR`. If the store is down at `start()` the run is
+the same run_dir, or by `python -m ebmscale.tracking RUN_DIR [--uri STORE]` (the store named by you, not by the folder). If the store is down at `start()` the run is
 created when it is back.
 
 Status. FINISHED when training completed; FAILED when it raised (a crashed peer rank shows on rank 0 as a
@@ -50,6 +50,7 @@ from ebmscale.log import get_logger
 from ebmscale.tracking.spool import Spool, SpoolFull
 from ebmscale.train import stop
 from ebmscale.train.heartbeat import stale
+from ebmscale.trust import Untrusted, local_store, read_json, redact, redact_text, spool_record
 
 log = get_logger(__name__)
 
@@ -138,7 +139,10 @@ class MlflowTracker:
         self._run_id = run_id or saved.get("run_id")
         self.spool = Spool(spool_dir, int(getattr(cfg, "spool_max_mb", 0) or 0) << 20)
         self.steps: Dict[str, int] = self.spool.state.setdefault("steps", {})  # last step enqueued, per key
+        self._dropped = 0
         for _, r in self.spool.records(start=0):
+            if not self._valid(r, warn=False):
+                continue
             for k in list(r.get("m", ())) + ([f"image:{r['key']}"] if r.get("op") == "image" else []):
                 self.steps[k] = max(self.steps.get(k, -1), r["step"])
         self._server_steps: Dict[str, int] = {}  # the run's latest steps as the store had them when (re)opened
@@ -178,12 +182,22 @@ class MlflowTracker:
 
     @_safe
     def start(self, params: dict, config_yaml_path: Path, tags: dict) -> None:
+        """Params, tags and the config artifact go out with their secrets masked (trust.redact): passwords in
+        URIs, presigned URLs' signatures, tokens in launcher.setup lines."""
         self._save()
         self._started = True
-        config = config_yaml_path and Path(config_yaml_path).exists() and self._stash(config_yaml_path)
+        config = None
+        if config_yaml_path and Path(config_yaml_path).exists():
+            path = self.spool.new_file(Path(config_yaml_path).name)
+            path.write_text(redact_text(Path(config_yaml_path).read_text()))
+            try:
+                self.spool.admit(path)
+                config = str(path.relative_to(self.spool.root))
+            except SpoolFull as e:
+                self._drop(f"artifact {e}")
         self._put({"op": "start", "run_name": self.run_name, "ts": _now_ms(),
-                   "params": {k: str(v)[:6000] for k, v in params.items()},
-                   "tags": {k: str(v)[:8000] for k, v in tags.items()}, **({"file": config} if config else {})})
+                   "params": {k: str(v)[:6000] for k, v in redact(params).items()},
+                   "tags": {k: str(v)[:8000] for k, v in redact(tags).items()}, **({"file": config} if config else {})})
         self._start_sender()
         self._closed.clear()
         deadline = time.monotonic() + 3.0  # a moment for the run id (the launch log prints it), never more
@@ -276,7 +290,8 @@ class MlflowTracker:
         self._closed.set()
         if not self.flush(timeout_s):
             _warn(f"{self.spool.pending()} bytes of tracking records unsent, kept in {self.spool.root}; the next "
-                  f"launch sends them, or: python -m ebmscale.tracking {self.run_dir}")
+                  f"launch sends them, or: python -m ebmscale.tracking {self.run_dir}"
+                  f"{'' if self.tracking_uri == local_store(self.run_dir) else ' --uri ' + self.tracking_uri}")
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=1.0)
@@ -343,8 +358,21 @@ class MlflowTracker:
                 _warn(f"{self.tracking_uri} is back; sent {self._sent} spooled records")
             self._down = False
 
+    def _valid(self, r: dict, warn: bool = True) -> bool:
+        """trust.spool_record: a record this tracker could have written; else refused by name and dropped (a
+        received run folder's spool may hold anything; nothing outside tracking_spool/files is read or removed)."""
+        try:
+            spool_record(self.spool.root, r)
+            return True
+        except Untrusted as e:
+            if r and warn:  # an empty {} is a torn line, already the spool's to skip
+                self._dropped += 1
+                _warn(f"{e}; record dropped, not sent")
+            return False
+
     def _drain(self) -> None:
         while batch := self.spool.records(limit=256):
+            last, batch = batch[-1][0], [(end, r) for end, r in batch if self._valid(r)]
             i = 0
             while i < len(batch):  # consecutive metrics records go as one log_batch
                 j, n = i + 1, len(batch[i][1].get("m", ()))
@@ -366,6 +394,8 @@ class MlflowTracker:
                 self.spool.ack(batch[j - 1][0])
                 self._sent += len(records)
                 i = j
+            if self.spool.cursor < last:  # refused records at the end of the stretch
+                self.spool.ack(last)
 
     def _send(self, records: list) -> None:
         from mlflow.entities import Metric, RunTag
@@ -386,10 +416,10 @@ class MlflowTracker:
             for i in range(0, len(tags), 100):
                 c.log_batch(self._run_id, tags=tags[i:i + 100])
         elif op == "image":
-            with Image.open(self.spool.root / r["file"]) as im:
+            with Image.open(self.spool.file(r["file"])) as im:
                 c.log_image(self._run_id, im.convert("RGB"), key=r["key"], step=r["step"], timestamp=r["ts"])
         elif op == "artifact":
-            path = self.spool.root / r["file"]
+            path = self.spool.file(r["file"])
             if path.is_dir():
                 dest = f"{r['artifact_path']}/{path.name}" if r["artifact_path"] else path.name
                 c.log_artifacts(self._run_id, str(path), dest)
@@ -438,7 +468,7 @@ class MlflowTracker:
         for i in range(0, max(len(params), len(tags)), 100):
             c.log_batch(self._run_id, params=params[i:i + 100], tags=tags[i:i + 100])
         if r.get("file"):
-            c.log_artifact(self._run_id, str(self.spool.root / r["file"]), f"restarts/{restarts}" if restarts else None)
+            c.log_artifact(self._run_id, str(self.spool.file(r["file"])), f"restarts/{restarts}" if restarts else None)
         c.set_tag(self._run_id, "restart_count", str(restarts))
 
     @staticmethod
@@ -474,7 +504,7 @@ class MlflowTracker:
 
     def _load(self) -> dict:
         path = self.run_dir / "tracking.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        return read_json(path, root=self.run_dir) if path.exists() else {}
 
     def _save(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)

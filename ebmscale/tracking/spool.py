@@ -8,6 +8,8 @@ record ever appended). Files are copied under files/ at call time, so the caller
 Bounded: with `max_bytes` (tracking.spool_max_mb) a file that would take unsent records plus files/ past it is
 refused (SpoolFull; the tracker drops it with a warning), while records themselves (metrics, tags) are always
 kept: artifacts go first.
+A spool may come with a run folder someone else wrote: a record's file is only ever looked for, sent or removed
+under files/ (trust.spool_file); any other path is refused by name and nothing outside the spool is touched.
 """
 import json
 import os
@@ -15,6 +17,8 @@ import shutil
 import threading
 import uuid
 from pathlib import Path
+
+from ebmscale.trust import Untrusted, read_json, spool_file
 
 COMPACT_BYTES = 1 << 20  # truncate a fully sent spool once it is this big
 LINK_BYTES = 64 << 20  # hard-link (don't copy) files this big, e.g. checkpoints written once
@@ -54,7 +58,7 @@ class Spool:
         self.path, self.state_path = self.root / "spool.jsonl", self.root / "state.json"
         self.cursor_path = self.root / "cursor"
         self.lock = threading.RLock()
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        self.state = read_json(self.state_path, 64 << 20, self.root) if self.state_path.exists() else {}
         self._f = open(self.path, "ab")
         data = self.path.read_bytes()
         if data and not data.endswith(b"\n"):  # torn by a crash mid-append
@@ -82,7 +86,8 @@ class Spool:
             self._f.flush()
 
     def records(self, start: int = None, limit: int = None):
-        """[(end offset, record)] from byte `start` (default: the cursor); an unreadable line reads as {}."""
+        """[(end offset, record)] from byte `start` (default: the cursor); an unreadable line (or one that is not
+        a JSON object) reads as {}."""
         out = []
         with self.lock, open(self.path, "rb") as f:
             f.seek(self.cursor if start is None else start)
@@ -91,9 +96,10 @@ class Spool:
                 if not line:
                     break
                 try:
-                    out.append((f.tell(), json.loads(line)))
+                    r = json.loads(line)
                 except ValueError:
-                    out.append((f.tell(), {}))
+                    r = {}
+                out.append((f.tell(), r if isinstance(r, dict) else {}))
         return out
 
     def pending(self) -> int:
@@ -139,9 +145,18 @@ class Spool:
             _link_or_copy(src, dst)
         return str(dst.relative_to(self.root))
 
+    def file(self, rel) -> Path:
+        """The file a record names, which must be one new_file() made (files/<id>/<name>); Untrusted otherwise."""
+        return spool_file(self.root, rel)
+
     def discard(self, rel: str) -> None:
-        self.file_bytes = max(0, self.file_bytes - _size((self.root / rel).parent))
-        shutil.rmtree((self.root / rel).parent, ignore_errors=True)
+        """Remove a sent record's files/<id>/ folder; a path that is not one is left alone (Untrusted)."""
+        try:
+            folder = self.file(rel).parent
+        except Untrusted:
+            return
+        self.file_bytes = max(0, self.file_bytes - _size(folder))
+        shutil.rmtree(folder, ignore_errors=True)
 
     def close(self) -> None:
         self._f.close()
