@@ -7,7 +7,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "ebmscale"
 LAYERS = {  # module or package -> layer; a module imports its own layer or lower ones; the longest name wins
     "ebmscale.log": 0, "ebmscale.progress": 0, "ebmscale.config": 0, "ebmscale.distributed": 0, "ebmscale.precision": 0,
-    "ebmscale.program": 0,
+    "ebmscale.program": 0, "ebmscale.trust": 0,
     "ebmscale.models": 1, "ebmscale.sampling": 1, "ebmscale.buffer": 1, "ebmscale.reservoir": 1, "ebmscale.data": 1,
     "ebmscale.train.faults": 2, "ebmscale.train.checkpoint": 2, "ebmscale.train.heartbeat": 2, "ebmscale.train.stop": 2,
     "ebmscale.train.runlock": 2, "ebmscale.eval.loading": 2, "ebmscale.run_status": 2, "ebmscale": 2,  # the package
