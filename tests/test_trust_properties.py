@@ -147,7 +147,7 @@ model_sections = st.fixed_dictionaries({}, optional={
                                                     optional={"sampler": json_values, "recipe": json_values,
                                                               "data": json_values, "ebmscale": json_values})))
 def test_exported_config_json_is_valid_or_refused(tmp_path_factory, meta):
-    from ebmscale.export import _model_config
+    from ebmscale.models.pretrained import model_config as _model_config
     folder = tmp_path_factory.mktemp("export")
     (folder / "config.json").write_text(json.dumps(meta))
     try:
