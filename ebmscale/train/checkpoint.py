@@ -119,7 +119,7 @@ def healthy_checkpoints(root: Path, world_size: Optional[int] = None) -> list[Pa
 
 
 def digest(path: Path) -> str:
-    """sha256 of a file's content (hashlib uses the CPU's SHA instructions; docs/security-checkpoints.md: speed)."""
+    """sha256 of a file's content (hashlib uses the CPU's SHA instructions; docs/security.md, "Checkpoints and the writer lock": speed)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
