@@ -63,6 +63,7 @@ class ModelConfig:
     residual: Optional[str] = None  # release: conv2 ~ N(0, 1e-10), sigma capped at 1 | scaled: learned scale from 1
     class_gain_bias: Optional[bool] = None  # conditional nets: a per-channel `cb` added to conv2's class gain
     init: Optional[str] = None  # initial raw weights: release (spectral-normed N(0, 1), fc xavier, zero bias) | torch
+    scale_loss: str = "mean"  # scales > 1: mean (ICD release: CD/KL over the mean of the scales, L2 of each) | sum
     scales: int = 1  # >1: a multi-scale energy (models/multiscale.py), one net per resolution 1, 1/2, 1/4, ... summed
 
 
@@ -380,6 +381,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         _check(value is None or value in allowed, key, f"unknown '{value}'; allowed: {', '.join(map(str, allowed))} "
                f"(or null: the recipe's)")
+    _check(m.scale_loss in ("mean", "sum"), "model.scale_loss", f"unknown '{m.scale_loss}'; allowed: mean, sum")
     _check(m.dropout is None or 0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     n_down = {"resnet32": 3, "resnet32large": 3, "resnet32wider": 3, "resnet128": 5}[m.arch]
     _check(m.resolution > 0 and m.resolution % (2 ** n_down) == 0, "model.resolution",
