@@ -61,7 +61,7 @@ def train(run_dir: Path, overrides: list[str], seed: int, minutes: float, shards
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
            "ebmscale.train.main", "configs/digits.yaml", f"run.dir={run_dir}", f"run.seed={seed}",
            f"data.shards={shards}", f"train.steps={steps or 1000000}", f"checkpoint.every={steps or 100}",
-           "tracking.enabled=false", *overrides]
+           "tracking.enabled=false", "train.precision=fp32", *overrides]  # fp32: as a CPU without native bf16
     print("$", " ".join(cmd), f"  # to step {steps}" if steps else f"  # stopped {minutes} min after its first step",
           flush=True)
     minutes = 1e9 if steps else minutes
