@@ -32,12 +32,14 @@ def read_config(folder: str | Path) -> dict:
 
 
 def load_pretrained(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """The model of an exported folder, in eval mode, built from config.json's model section."""
+    """The model of an exported folder, in eval mode with the release's always-on dropout off (ResNet32Large under
+    `paper`: `.eval()` does not reach it; eval/loading.py does the same), built from config.json's model section."""
     from omegaconf import OmegaConf
     from safetensors.torch import load_file
 
     from ebmscale.config import ModelConfig
     from ebmscale.models import build_model
+    from ebmscale.models.resnet import set_dropout
     folder = Path(folder)
     if not is_exported(folder):
         raise FileNotFoundError(f"{folder} is not an exported model (needs {WEIGHTS} and {CONFIG}; make one with "
@@ -48,7 +50,7 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu", dtyp
     if missing or unexpected:
         raise RuntimeError(f"{folder / WEIGHTS} does not fit the model of {folder / CONFIG}: missing {missing}, "
                            f"unexpected {unexpected}")
-    return model.to(device=device, dtype=dtype).eval()
+    return set_dropout(model, False).to(device=device, dtype=dtype).eval()
 
 
 def load_exported(folder: str | Path, device: str | torch.device = "cpu"):

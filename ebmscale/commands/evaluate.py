@@ -180,7 +180,8 @@ def cmd_paper(a) -> dict:
     if "ood" in a.tasks:
         x_in, _ = read_images(a.test_shards, m.resolution, m.in_channels, a.ood_n, allow_pipe=True)
         rng = np.random.default_rng(a.seed)
-        sources = {k: synthetic(k, x_in, rng) for k in ("uniform", "constant", "interpolation")}
+        # the release's random and interpolation, then our extras uniform and constant (eval/ood.py)
+        sources = {k: synthetic(k, x_in, rng) for k in ("random", "interpolation", "uniform", "constant")}
         for item in a.source:
             name, _, spec = item.partition("=")
             sources[name] = read_images(spec, m.resolution, m.in_channels, a.ood_n, allow_pipe=True)[0]
@@ -243,8 +244,9 @@ def main(argv=None) -> int:
                             "natively, else fp32 (fp16 on older GPUs); train = the run's train.precision")
     c = sub.choices["ood"]
     c.add_argument("--n", type=int, default=1000, help="images per source")
-    c.add_argument("--synthetic", nargs="*", default=["uniform", "constant", "interpolation"],
-                   help="synthetic sources: uniform constant interpolation, and the near-distribution rot90 quadrants")
+    c.add_argument("--synthetic", nargs="*", default=["random", "interpolation", "uniform", "constant"],
+                   help="synthetic sources: the release's random (N(0.5, 0.5^2)) and interpolation; extras uniform, "
+                        "constant and the near-distribution rot90 quadrants")
     c.add_argument("--source", nargs="*", default=[], metavar="NAME=SHARDS",
                    help="other datasets' shards, fitted to the model's size, e.g. svhn=data/svhn/manifest.json")
     c.add_argument("--score", choices=["min", "marginal"], default="min",
