@@ -153,6 +153,8 @@ def cmd_paper(a) -> dict:
     from ebmscale.eval.paper import PAPER, RELEASE_SAMPLING, markdown_table, release_denoise, release_inpaint, \
         release_samples
     models, cfg, run, step = load_models(a)
+    if torch.cuda.is_available():  # the run's train.tf32: off under recipe paper, fp32 convs as the release's
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = bool(cfg.train.tf32)
     m, s = cfg.model, cfg.sampler
     train_spec, allow_pipe = run_shards(run, a.train_shards)
     report = Report("paper", run, step, a.json)
@@ -271,8 +273,9 @@ def main(argv=None) -> int:
     c.add_argument("--restore-n", type=int, default=10000, help="images per split for inpainting/denoising")
     c.add_argument("--paper", choices=["cifar10", "cifar10_uncond", "imagenet128"],
                    help="whose published numbers go beside ours (default: the run's run.name)")
-    c.add_argument("--precision", choices=["auto", "train", "fp32", "bf16", "fp16"], default="auto",
-                   help="model compute (chains stay fp32): auto = this hardware's native, train = the run's")
+    c.add_argument("--precision", choices=["auto", "train", "fp32", "bf16", "fp16"], default="train",
+                   help="model compute (chains stay fp32): train = the run's (recipe paper: fp32, the release's), "
+                        "auto = this hardware's native")
     c = sub.choices["restore"]
     c.add_argument("--task", nargs="+", choices=["inpaint", "denoise"], default=["inpaint", "denoise"])
     c.add_argument("--n", type=int, default=100, help="images")
