@@ -246,3 +246,23 @@ def test_one_adam_step_moves_each_weight_by_the_release_formula():
     stem = "stem.parametrizations.weight.original"
     turn = (model.stem.parametrizations.weight.original.detach().double() - before[stem]).norm() / before[stem].norm()
     assert 0.3 * lr < turn < 1.5 * lr  # the direction of an N(0, 1) weight turns by ~lr per step
+
+
+def test_an_exported_paper_resnet32large_samples_without_dropout(tmp_path):
+    """ResNet32Large under `paper` drops units in every training forward; an exported model must not."""
+    import json
+
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from ebmscale.export import load_pretrained
+    cfg = paper_config("resnet32large", 4)
+    assert cfg.model.dropout == 0.5
+    model = build_model(cfg.model)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model": OmegaConf.to_container(cfg.model)}))
+    loaded = load_pretrained(tmp_path)
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), loaded(x))
+        assert not torch.equal(model(x), model(x))  # the trained module itself: dropout on, as the release
