@@ -100,10 +100,12 @@ def evaluate(run_dir: Path, classifier: Path, seed: int, per_class: int, dry: bo
     for name in samples:
         flags = SAMPLES[name]
         npz = ev / f"{name}.npz"
-        once(npz, ["tools/sample.py", str(run_dir), "--per-class", str(per_class), "--seed", str(seed), *flags, "--out"])
+        once(npz, ["tools/sample.py", str(run_dir), "--per-class", str(per_class), "--seed", str(seed), *flags,
+                   "--precision", "fp32", "--out"])
         for task in ("accuracy", "fid"):
             once(ev / f"{task}_{name}.json", ["tools/evaluate.py", task, str(npz), "--classifier", str(classifier), "--json"])
-    once(ev / "ood.json", ["tools/evaluate.py", "ood", str(run_dir), "--synthetic", *OOD, "--json"])
+    once(ev / "ood.json", ["tools/evaluate.py", "ood", str(run_dir), "--synthetic", *OOD, "--precision", "fp32",
+                           "--json"])
     if dry:
         return out
     read = lambda p: json.loads(p.read_text())["metrics"] if p.exists() else {}  # noqa: E731
