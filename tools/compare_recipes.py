@@ -44,7 +44,7 @@ SAMPLES = {"buffer": ["--init", "buffer"],
            "noise60": ["--init", "noise", "--steps", "60"],
            "noise_ttp": ["--init", "noise", "--rounds", "10", "--steps", "30", "--reinit", "0.01", "--relabel", "0.1",
                          "--nomix", "3"]}
-OOD = ["uniform", "constant", "interpolation", "rot90", "quadrants"]
+OOD = ["random", "interpolation", "uniform", "constant", "rot90", "quadrants"]
 
 
 def run(cmd: list[str], dry: bool, log: Path | None = None) -> int:
