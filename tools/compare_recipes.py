@@ -89,7 +89,8 @@ def train(run_dir: Path, overrides: list[str], seed: int, minutes: float, shards
     (run_dir / "trained.json").write_text(json.dumps({**budget, "exit": proc.returncode}) + "\n")
 
 
-def evaluate(run_dir: Path, classifier: Path, seed: int, per_class: int, dry: bool, samples=tuple(SAMPLES)) -> dict:
+def evaluate(run_dir: Path, classifier: Path, seed: int, per_class: int, dry: bool, samples=tuple(SAMPLES),
+             ood=tuple(OOD)) -> dict:
     """Each sample set and score once: a command whose output is already there is not run again."""
     ev, py, log = run_dir / "eval", sys.executable, run_dir / "eval.log"
     out: dict = {}
@@ -104,16 +105,17 @@ def evaluate(run_dir: Path, classifier: Path, seed: int, per_class: int, dry: bo
                    "--precision", "fp32", "--out"])
         for task in ("accuracy", "fid"):
             once(ev / f"{task}_{name}.json", ["tools/evaluate.py", task, str(npz), "--classifier", str(classifier), "--json"])
-    once(ev / "ood.json", ["tools/evaluate.py", "ood", str(run_dir), "--synthetic", *OOD, "--precision", "fp32",
-                           "--json"])
+    if ood:
+        once(ev / "ood.json", ["tools/evaluate.py", "ood", str(run_dir), "--synthetic", *ood, "--precision", "fp32",
+                               "--json"])
     if dry:
         return out
     read = lambda p: json.loads(p.read_text())["metrics"] if p.exists() else {}  # noqa: E731
     for name in samples:
         out[f"acc_{name}"] = read(ev / f"accuracy_{name}.json").get("accuracy")
         out[f"fid_{name}"] = read(ev / f"fid_{name}.json").get("fid_classifier")
-    ood = read(ev / "ood.json")
-    out.update({f"auroc_{k}": ood.get(f"ood/auroc_{k}") for k in OOD})
+    scores = read(ev / "ood.json")
+    out.update({f"auroc_{k}": scores.get(f"ood/auroc_{k}") for k in ood})
     rows = [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
     out["steps"] = rows[-1]["step"] if rows else 0
     out["guard_skipped"] = rows[-1].get("guard/skipped_steps", 0) if rows else 0
@@ -141,6 +143,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, help="train each run for this many steps instead of --minutes")
     p.add_argument("--nproc", type=int, default=2, help="DeepSpeed ranks per run")
     p.add_argument("--samples", nargs="+", default=list(SAMPLES), choices=list(SAMPLES), help="sample sets scored")
+    p.add_argument("--ood", nargs="*", default=OOD, choices=OOD, help="OOD sets scored (none: no OOD evaluation)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--minutes", type=float, default=10.0, help="training wall time per run, from its first step")
     p.add_argument("--per-class", type=int, default=30, help="samples per class for each evaluation")
@@ -170,7 +173,7 @@ def main() -> int:
                 if run_dir.exists() and not a.dry_run:  # an interrupted attempt: set aside, never resumed or deleted
                     run_dir.rename(run_dir.with_name(f"{run_dir.name}.interrupted-{int(time.time())}"))
                 train(run_dir, overrides, seed, a.minutes, a.shards, a.dry_run, a.steps, a.nproc)
-            row = {**evaluate(run_dir, classifier, seed, a.per_class, a.dry_run, a.samples), **budget,
+            row = {**evaluate(run_dir, classifier, seed, a.per_class, a.dry_run, a.samples, a.ood), **budget,
                    "overrides": " ".join(overrides)}
             print(f"[compare] {recipe} seed {seed}: {json.dumps(row)}", flush=True)
             if not a.dry_run:
