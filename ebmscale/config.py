@@ -29,6 +29,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: resolved per run by ebmsc
 BUFFER_DTYPES = ("uint8", "fp16")
 RECIPES = ("paper", "ebmscale", "icd")
 RESIDUALS = ("release", "scaled")
+INITS = ("release", "torch")
 CHAIN_LABELS = ("batch", "stored")
 BUFFER_CODECS = ("release", "unbiased")
 
@@ -62,6 +63,8 @@ class ModelConfig:
     dropout: Optional[float] = None  # on conv1's output in every block, training and Langevin (release: 0.5 in ResNet32Large)
     residual: Optional[str] = None  # release: conv2 ~ N(0, 1e-10), sigma capped at 1 | scaled: learned scale from 1
     class_gain_bias: Optional[bool] = None  # conditional nets: a per-channel `cb` added to conv2's class gain
+    init: Optional[str] = None  # initial raw weights: release (spectral-normed N(0, 1), fc xavier, zero bias) | torch
+    scale_loss: str = "mean"  # scales > 1: mean (ICD release: CD/KL over the mean of the scales, L2 of each) | sum
     scales: int = 1  # >1: a multi-scale energy (models/multiscale.py), one net per resolution 1, 1/2, 1/4, ... summed
 
 
@@ -123,7 +126,8 @@ class TrainConfig:
     alpha: float = 1.0
     # auto: bf16 where the hardware computes it natively (GPU compute capability >= 8.0, CPU with avx512_bf16/AMX),
     # fp16 on older GPUs, fp32 on other CPUs; resolved once per run (ebmscale/precision.py)
-    precision: str = "auto"
+    precision: Optional[str] = None  # null = as the `recipe` says: paper fp32 (the release), else auto
+    tf32: Optional[bool] = None  # fp32 convs/matmuls on Ampere+ GPUs may use TF32; null = recipe (paper: false)
     zero_stage: int = 2
     log_every: int = 10
     sample_every: int = 500  # sample grid PNG (and MLflow image)
@@ -190,7 +194,7 @@ def parse_remedy(text: str) -> tuple[str, str, float]:
 @dataclass
 class GuardConfig:
     """The stability guard (ebmscale/train/guard.py): per-step signals and what to do when one fires."""
-    enabled: bool = True
+    enabled: Optional[bool] = None  # null = as the `recipe` says: off under paper (the release has none), else on
     max_energy: float = 100.0  # |mean E+| or |mean E-| over all ranks above this: signal `energy`; 0 = off
     max_gap: float = 100.0  # |mean E+ - mean E-| above this: signal `gap`; 0 = off
     grad_spike: float = 10.0  # global grad norm above this x the running median: signal `grad_spike`; 0 = off
@@ -350,11 +354,13 @@ def recipe_choices(recipe: str, model: Any) -> Dict[str, Any]:
         return {"model.shortcut_kernel": 3, "model.conv_bias": False, "model.pool_activation": pool,
                 "model.first_block_activation": "leaky_relu", "model.residual": "release",
                 "model.dropout": 0.5 if model.arch == "resnet32large" else 0.0, "model.class_gain_bias": True,
-                "optim.official_clip": True, "buffer.labels": "batch", "buffer.codec": "release"}
+                "optim.official_clip": True, "buffer.labels": "batch", "buffer.codec": "release",
+                "model.init": "release", "train.precision": "fp32", "train.tf32": False, "guard.enabled": False}
     return {"model.shortcut_kernel": 1, "model.conv_bias": True, "model.pool_activation": model.activation,
             "model.first_block_activation": model.activation, "model.residual": "scaled", "model.dropout": 0.0,
             "model.class_gain_bias": False, "optim.official_clip": False, "buffer.labels": "stored",
-            "buffer.codec": "unbiased"}
+            "buffer.codec": "unbiased", "model.init": "torch", "train.precision": "auto", "train.tf32": True,
+            "guard.enabled": True}
 
 
 def resolve_recipe(cfg: DictConfig) -> DictConfig:
@@ -386,11 +392,12 @@ def validate(cfg: DictConfig) -> None:
     _check(m.num_classes >= 0, "model.num_classes", f"must be >= 0 (0 = unconditional), got {m.num_classes}")
     _check(cfg.recipe in RECIPES, "recipe", f"unknown recipe '{cfg.recipe}'; allowed: {', '.join(RECIPES)}")
     for key, allowed in (("model.pool_activation", ACTIVATIONS + ("relu",)), ("model.first_block_activation", ACTIVATIONS),
-                         ("model.residual", RESIDUALS), ("buffer.labels", CHAIN_LABELS), ("buffer.codec", BUFFER_CODECS),
+                         ("model.residual", RESIDUALS), ("model.init", INITS), ("buffer.labels", CHAIN_LABELS), ("buffer.codec", BUFFER_CODECS),
                          ("model.shortcut_kernel", (1, 3))):
         value = OmegaConf.select(cfg, key)
         _check(value is None or value in allowed, key, f"unknown '{value}'; allowed: {', '.join(map(str, allowed))} "
                f"(or null: the recipe's)")
+    _check(m.scale_loss in ("mean", "sum"), "model.scale_loss", f"unknown '{m.scale_loss}'; allowed: mean, sum")
     _check(m.dropout is None or 0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     n_down = {"resnet32": 3, "resnet32large": 3, "resnet32wider": 3, "resnet128": 5}[m.arch]
     _check(m.resolution > 0 and m.resolution % (2 ** n_down) == 0, "model.resolution",

@@ -10,8 +10,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-# a tiny but real digits configuration: every trainer test uses it, on 1-2 DeepSpeed ranks
-TINY = ["model.filters=8", "sampler.steps=4", "data.batch_size=8", "buffer.capacity=64", "data.workers=0",
+# a tiny but real digits configuration: every trainer test uses it, on 1-2 DeepSpeed ranks; the plain one-scale
+# ebmscale recipe (the demo itself is ICD on two scales; tests that want ICD say so)
+TINY = ["recipe=ebmscale", "model.scales=1", "model.filters=8", "sampler.steps=4", "data.batch_size=8", "buffer.capacity=64", "data.workers=0",
         "data.shuffle_buffer=50", "train.log_every=1", "train.sample_every=5",
         "tracking.chain_gif_every=5", "train.threads=1"]
 

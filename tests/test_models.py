@@ -140,7 +140,7 @@ def test_resnet128_at_128():
 
 
 def test_build_from_config_file():
-    cfg = load_config("configs/digits.yaml")
+    cfg = load_config("configs/digits.yaml", ["model.scales=1"])  # the demo itself has two scales
     model = build_model(cfg.model)
     assert isinstance(model, EnergyModel)
     x = torch.rand(3, cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)

@@ -31,3 +31,18 @@ def test_one_scale_is_the_plain_net_and_bad_scales_fail_early():
         assert "model.scales" in str(e)
     else:
         raise AssertionError("model.scales=3 on 16 px digits must be refused")
+
+
+def test_per_scale_energies_and_the_release_loss():
+    """The ICD release's loss sees [N, scales]: CD over the mean of the scales, L2 of each scale's own energy."""
+    from ebmscale.train.loss import cd_loss
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(filters=4, in_channels=1, resolution=32, num_classes=3, scales=2)).eval()
+    x, y = torch.rand(6, 1, 32, 32), torch.randint(0, 3, (6,))
+    per = model(x, y, per_scale=True)
+    assert per.shape == (6, 2) and torch.allclose(per.sum(-1), model(x, y), atol=1e-6)
+    e_pos, e_neg = per[:3], per[3:]
+    release = (e_pos.mean() - e_neg.mean()) + (e_pos.pow(2).mean() + e_neg.pow(2).mean())  # ICD train.py
+    assert torch.allclose(cd_loss(e_pos, e_neg, 1.0), release)
+    summed = cd_loss(e_pos.sum(-1), e_neg.sum(-1), 1.0)  # (E1 + E2)^2 is not E1^2 + E2^2
+    assert not torch.allclose(summed / 2, release)

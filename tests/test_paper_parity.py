@@ -187,11 +187,16 @@ def test_no_augmentation_under_paper(config):
     assert load_config(CONFIG_DIR / f"{config}.yaml", ["data.flip=true"]).data.flip
 
 
-def test_explicit_keys_beat_the_recipe_and_digits_stays_on_ebmscale():
+def test_explicit_keys_beat_the_recipe_and_digits_is_icd_on_ebmscale_choices():
     cfg = load_config(CONFIG_DIR / "cifar10.yaml", ["model.shortcut_kernel=1", "buffer.labels=stored"])
     assert (cfg.model.shortcut_kernel, cfg.buffer.labels, cfg.model.conv_bias) == (1, "stored", False)
+    assert (cfg.model.init, cfg.train.precision, cfg.train.tf32, cfg.guard.enabled) == ("release", "fp32", False, False)
+    mine = load_config(CONFIG_DIR / "cifar10.yaml", ["train.precision=bf16", "train.tf32=true", "guard.enabled=true",
+                                                     "model.init=torch"])
+    assert (mine.model.init, mine.train.precision, mine.train.tf32, mine.guard.enabled) == ("torch", "bf16", True, True)
     digits = load_config(CONFIG_DIR / "digits.yaml")
-    assert digits.recipe == "ebmscale" and digits.model.residual == "scaled" and digits.buffer.labels == "stored"
+    assert digits.recipe == "icd" and digits.model.residual == "scaled" and digits.buffer.labels == "stored"
+    assert (digits.model.init, digits.train.precision, digits.guard.enabled) == ("torch", "auto", True)
 
 
 def test_conditional_chains_take_the_batch_labels_under_paper(tmp_path):

@@ -167,6 +167,8 @@ def cmd_paper(a) -> dict:
     """IS/FID by the release's sampling, OOD AUROC on the held-out split, inpainting and denoising (MSE, PSNR) on
     training and held-out images; one JSON (RUN/eval/paper_step<step>.json) and a Markdown table beside it."""
     models, cfg, run, step = load_models(a)
+    if torch.cuda.is_available():  # the run's train.tf32: off under recipe paper, fp32 convs as the release's
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = bool(cfg.train.tf32)
     m, s = cfg.model, cfg.sampler
     train_spec, allow_pipe = run_shards(run, a.train_shards)
     report = Report("paper", run, step, a.json)
@@ -194,7 +196,8 @@ def cmd_paper(a) -> dict:
     if "ood" in a.tasks:
         x_in, _ = read_images(a.test_shards, m.resolution, m.in_channels, a.ood_n, allow_pipe=True)
         rng = np.random.default_rng(a.seed)
-        sources = {k: synthetic(k, x_in, rng) for k in ("uniform", "constant", "interpolation")}
+        # the release's random and interpolation, then our extras uniform and constant (eval/ood.py)
+        sources = {k: synthetic(k, x_in, rng) for k in ("random", "interpolation", "uniform", "constant")}
         for item in a.source:
             name, _, spec = item.partition("=")
             sources[name] = read_images(spec, m.resolution, m.in_channels, a.ood_n, allow_pipe=True)[0]
@@ -259,8 +262,9 @@ def main(argv=None) -> int:
                             "natively, else fp32 (fp16 on older GPUs); train = the run's train.precision")
     c = sub.choices["ood"]
     c.add_argument("--n", type=int, default=1000, help="images per source")
-    c.add_argument("--synthetic", nargs="*", default=["uniform", "constant", "interpolation"],
-                   help="synthetic sources: uniform constant interpolation, and the near-distribution rot90 quadrants")
+    c.add_argument("--synthetic", nargs="*", default=["random", "interpolation", "uniform", "constant"],
+                   help="synthetic sources: the release's random (N(0.5, 0.5^2)) and interpolation; extras uniform, "
+                        "constant and the near-distribution rot90 quadrants")
     c.add_argument("--source", nargs="*", default=[], metavar="NAME=SHARDS",
                    help="other datasets' shards, fitted to the model's size, e.g. svhn=data/svhn/manifest.json")
     c.add_argument("--score", choices=["min", "marginal"], default="min",
@@ -285,8 +289,9 @@ def main(argv=None) -> int:
     c.add_argument("--restore-n", type=int, default=10000, help="images per split for inpainting/denoising")
     c.add_argument("--paper", choices=["cifar10", "cifar10_uncond", "imagenet128"],
                    help="whose published numbers go beside ours (default: the run's run.name)")
-    c.add_argument("--precision", choices=["auto", "train", "fp32", "bf16", "fp16"], default="auto",
-                   help="model compute (chains stay fp32): auto = this hardware's native, train = the run's")
+    c.add_argument("--precision", choices=["auto", "train", "fp32", "bf16", "fp16"], default="train",
+                   help="model compute (chains stay fp32): train = the run's (recipe paper: fp32, the release's), "
+                        "auto = this hardware's native")
     c = sub.choices["restore"]
     c.add_argument("--task", nargs="+", choices=["inpaint", "denoise"], default=["inpaint", "denoise"])
     c.add_argument("--n", type=int, default=100, help="images")

@@ -8,6 +8,8 @@
   python tools/make_shards.py imagenet /data/ILSVRC/train data/imagenet32 --size 32 --num-shards 128
   python tools/make_shards.py folder my_classes/ data/mine        # one folder per class
   python tools/make_shards.py flat my_images/ data/mine           # no labels (unconditional)
+  python tools/make_shards.py textures dtd/images data/textures   # OOD sets as the IGEBM release reads them:
+  python tools/make_shards.py svhn ~/svhn data/svhn               #   DTD top-left 32x32 crops; SVHN train split
 
 Re-running the same command skips the shards already complete.
 
@@ -24,6 +26,7 @@ from ebmscale.program import prog
 
 DEFAULTS = {  # kind: (size, channels, format, num_shards, prefix)
     "digits": (16, 1, "png", 4, "digits"), "cifar10": (32, 3, "png", None, "train"),
+    "textures": (32, 3, "png", None, "textures"), "svhn": (32, 3, "png", None, "svhn"),
 }
 
 
@@ -55,7 +58,7 @@ def main(argv=None):
     p.add_argument("--max-shard-bytes", type=int, default=10 ** 9)
     p.add_argument("--prefix", help="shard names PREFIX-000000.tar ... (default: digits / train / test)")
     p.add_argument("--mapping", help="imagenet: synset names (LOC_synset_mapping.txt or imagenet_class_index.json)")
-    p.add_argument("--split", default="train", choices=("train", "test"), help="cifar10: which batches")
+    p.add_argument("--split", default="train", choices=("train", "test"), help="cifar10, svhn: which split")
     p.add_argument("--workers", type=int, default=1, help="encoding processes")
     p.add_argument("--seed", type=int, default=0, help="seed of the one shuffle that mixes classes across shards")
     a = p.parse_args(argv)

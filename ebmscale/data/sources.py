@@ -105,6 +105,36 @@ class _ArraysOnly(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-10 batch (numpy arrays only)")
 
 
+def textures(root: str) -> Source:
+    """The Describable Textures images (dtd/images/<class>/*.jpg) as the IGEBM release reads them for its OOD table
+    (data.py Textures): the top-left 32x32 pixels of the raw RGB image, no resize; unconditional."""
+    from PIL import Image
+
+    paths = [p for d in sorted(Path(root).iterdir()) if d.is_dir() for p in _images(d)]
+    if not paths:
+        raise FileNotFoundError(f"{root}: no class folders of images (dtd/images)")
+    items = []
+    for p in paths:
+        with Image.open(p) as img:
+            items.append((np.asarray(img.convert("RGB").crop((0, 0, 32, 32))), 0))
+    return Source("textures", str(Path(root).resolve()), items)
+
+
+def svhn(root: str, split: str = "train") -> Source:
+    """SVHN's cropped digits (train_32x32.mat / test_32x32.mat; a folder holding them or the file). The IGEBM
+    release's OOD set reads the train split whatever it asks for (data.py Svhn: torchvision's default split)."""
+    from scipy.io import loadmat
+
+    path = Path(root)
+    path = path / f"{split}_32x32.mat" if path.is_dir() else path
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no SVHN {split}_32x32.mat")
+    mat = loadmat(str(path))
+    images = np.ascontiguousarray(mat["X"].transpose(3, 0, 1, 2))
+    return Source("svhn", str(path.resolve()), [(im, int(y) % 10) for im, y in zip(images, mat["y"].ravel())],
+                  [{"index": i, "id": str(i), "name": str(i)} for i in range(10)])
+
+
 def _unpickle(path: Path) -> dict:
     with open(path, "rb") as f:
         try:
@@ -122,7 +152,8 @@ def open_source(kind: str, src: Optional[str], mapping: Optional[str] = None, sp
     if src is None:
         raise ValueError(f"source '{kind}' needs a SRC path")
     return {"imagenet": lambda: imagenet(src, mapping), "folder": lambda: folder(src), "flat": lambda: flat(src),
-            "cifar10": lambda: cifar10(src, split)}[kind]()
+            "cifar10": lambda: cifar10(src, split), "textures": lambda: textures(src),
+            "svhn": lambda: svhn(src, split)}[kind]()
 
 
-KINDS = ("digits", "imagenet", "folder", "flat", "cifar10")
+KINDS = ("digits", "imagenet", "folder", "flat", "cifar10", "textures", "svhn")

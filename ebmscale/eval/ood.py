@@ -10,14 +10,19 @@ import torch
 from ebmscale.eval.metrics import auroc, roc_curve
 from ebmscale.eval.sample import composed_energy, frozen_all
 
-SYNTHETIC = ("uniform", "constant", "interpolation", "rot90", "quadrants")
+SYNTHETIC = ("random", "interpolation", "uniform", "constant", "rot90", "quadrants")
+RELEASE_SYNTHETIC = ("random", "interpolation")  # ebm_sandbox.py energyevalmix: randommix, and the default mix
 
 
 def synthetic(kind: str, x_in: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """As many OOD images as `x_in`: uniform noise, one random colour per image, the average of each image
-    and the next one (interpolations between in-distribution images, as the IGEBM release), or near-distribution
-    ones: each image turned a quarter (`rot90`) or with its quadrants swapped (`quadrants`)."""
+    """As many OOD images as `x_in`. The release's (ebm_sandbox.py energyevalmix): `random`, Gaussian noise
+    N(0.5, 0.5^2), unclipped (randommix), and `interpolation`, the average of each image and the next one. Extras,
+    not in the release's code: `uniform` noise, `constant` (one random colour per image; the paper's table has a
+    "constant uniform" row), and the near-distribution `rot90` (each image a quarter turn off) and `quadrants`
+    (its quadrants swapped)."""
     n, c = x_in.shape[:2]
+    if kind == "random":
+        return (0.5 + 0.5 * rng.standard_normal(x_in.shape)).astype(np.float32)
     if kind == "uniform":
         return rng.random(x_in.shape, dtype=np.float32)
     if kind == "constant":

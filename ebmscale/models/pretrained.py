@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from ebmscale.config import Config, ConfigError, resolve_recipe, validate
 from ebmscale.models.multiscale import build_model
-from ebmscale.models.resnet import EnergyModel
+from ebmscale.models.resnet import EnergyModel, set_dropout
 from ebmscale.trust import Untrusted, exported_config
 
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
@@ -63,7 +63,8 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu", dtyp
     if missing or unexpected:
         raise RuntimeError(f"{folder / WEIGHTS} does not fit the model of {folder / CONFIG}: missing {missing}, "
                            f"unexpected {unexpected}")
-    return model.to(device=device, dtype=dtype).eval()
+    # the release's always-on dropout (ResNet32Large under `paper`) is off for sampling: .eval() does not reach it
+    return set_dropout(model, False).to(device=device, dtype=dtype).eval()
 
 
 def _from_pretrained(cls, folder, device="cpu", dtype: torch.dtype = torch.float32) -> EnergyModel:

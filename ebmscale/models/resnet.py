@@ -42,6 +42,11 @@ except ImportError:  # pragma: no cover - a torch that renamed it
 _SN_INTERNALS = ("_reshape_weight_to_matrix", "_power_method")
 
 
+# the initial raw weights: torch's defaults (kaiming-uniform convs and fc, a random fc bias) or the release's
+# (utils.py get_weight: every spectral-normed weight N(0, 1), conv2 N(0, 1e-10); the fc xavier with a zero bias)
+INITS = ("torch", "release")
+
+
 class _CappedSpectralNorm(_SpectralNorm):
     """W / (sigma + 1e-6) * min(sigma + 1e-6, 1): the release's bound on conv2 (utils.py spectral_normed_weight,
     lower_bound=True). A weight with sigma below 1 is left as it is, so the N(0, 1e-10) start stays near zero."""
@@ -74,10 +79,18 @@ class Fp32Linear(nn.Linear):
 
 
 def _conv(cin: int, cout: int, k: int, sn: bool, bias: bool = True, release_residual: bool = False,
-          cls: type = nn.Conv2d) -> nn.Conv2d:
+          init: str = "torch", cls: type = nn.Conv2d) -> nn.Conv2d:
     conv = cls(cin, cout, k, padding=k // 2, bias=bias)
+    if init == "release":  # utils.py get_weight: the raw weight N(0, 1) under spectral norm, else xavier; 'b' zeros
+        (nn.init.normal_ if sn else nn.init.xavier_uniform_)(conv.weight)
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)
     if release_residual:
-        nn.init.normal_(conv.weight, std=1e-10)  # utils.py get_weight(zero=True)
+        # utils.py get_weight(zero=True): N(0, 1e-10) under spectral norm, zeros without
+        if sn or init != "release":
+            nn.init.normal_(conv.weight, std=1e-10)
+        else:
+            nn.init.zeros_(conv.weight)
         if sn:
             missing = [a for a in _SN_INTERNALS if not hasattr(_SpectralNorm, a)]
             if missing:  # pragma: no cover - only on an untested torch
@@ -119,14 +132,14 @@ class ResBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, downsample: bool, num_classes: int, sn: bool, act: nn.Module,
                  shortcut_kernel: int = 1, conv_bias: bool = True, dropout: float = 0.0, residual: str = "scaled",
-                 class_gain_bias: bool = False):
+                 class_gain_bias: bool = False, init: str = "torch"):
         super().__init__()
         self.conditional = num_classes > 0
         self.downsample = downsample
         self.act = act
-        self.conv1 = _conv(cin, cout, 3, sn, conv_bias)
-        self.conv2 = _conv(cout, cout, 3, sn, conv_bias, release_residual=residual == "release")
-        self.shortcut = _conv(cin, cout, shortcut_kernel, sn, conv_bias) if cin != cout else nn.Identity()
+        self.conv1 = _conv(cin, cout, 3, sn, conv_bias, init=init)
+        self.conv2 = _conv(cout, cout, 3, sn, conv_bias, release_residual=residual == "release", init=init)
+        self.shortcut = _conv(cin, cout, shortcut_kernel, sn, conv_bias, init=init) if cin != cout else nn.Identity()
         self.dropout = ReleaseDropout(dropout) if dropout > 0 else nn.Identity()
         k = max(num_classes, 1)
         self.bias1, self.bias2, self.gain2 = nn.Embedding(k, cin), nn.Embedding(k, cout), nn.Embedding(k, cout)
@@ -164,8 +177,10 @@ class EnergyModel(nn.Module):
                  num_classes: int = 0, activation: str = "leaky_relu", spectral_norm: bool = True,
                  shortcut_kernel: int = 1, conv_bias: bool = True, pool_activation: Optional[str] = None,
                  first_block_activation: Optional[str] = None, dropout: float = 0.0, residual: str = "scaled",
-                 class_gain_bias: bool = False):
+                 class_gain_bias: bool = False, init: str = "torch"):
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"unknown init '{init}'; allowed: {', '.join(INITS)}")
         if arch not in ARCH_BLOCKS:
             raise ValueError(f"unknown arch '{arch}'; allowed: {', '.join(ARCH_BLOCKS)}")
         n_down = sum(d for _, d in ARCH_BLOCKS[arch])
@@ -175,15 +190,18 @@ class EnergyModel(nn.Module):
         self.arch, self.resolution, self.num_classes = arch, resolution, num_classes
         self.act = _act(activation)
         self.pool_act = _act(pool_activation or activation)
-        self.stem = _conv(in_channels, filters, 3, spectral_norm, conv_bias, cls=Fp32Conv2d)
+        self.stem = _conv(in_channels, filters, 3, spectral_norm, conv_bias, init=init, cls=Fp32Conv2d)
         blocks, cin = [], filters
         for i, (mult, down) in enumerate(ARCH_BLOCKS[arch]):
             act = _act(first_block_activation) if i == 0 and first_block_activation else self.act
             blocks.append(ResBlock(cin, mult * filters, down, num_classes, spectral_norm, act, shortcut_kernel,
-                                   conv_bias, dropout, residual, class_gain_bias))
+                                   conv_bias, dropout, residual, class_gain_bias, init))
             cin = mult * filters
         self.blocks = nn.ModuleList(blocks)
         self.fc = Fp32Linear(cin, 1)
+        if init == "release":  # models.py init_fc_weight(..., 'fc5', spec_norm=False): xavier weight, zero bias
+            nn.init.xavier_uniform_(self.fc.weight)
+            nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: [N, C, H, W] in [0, 1], best fp32 (the stem reads it in fp32); y: [N] class labels (ignored when
@@ -200,7 +218,7 @@ class EnergyModel(nn.Module):
 
 
 MODEL_CHOICES = ("shortcut_kernel", "conv_bias", "pool_activation", "first_block_activation", "dropout",
-                 "residual", "class_gain_bias")
+                 "residual", "class_gain_bias", "init")
 
 
 def build_model(cfg) -> EnergyModel:

@@ -28,6 +28,8 @@ class ICD:
         i = self.cfg
         self.augment = ChainAugment(i.crop_scale, i.flip, i.color_jitter, i.grayscale) if i.augment else None
         self.bank = build_bank(i.entropy_bank, shape, device)
+        # model.scale_loss=mean: the KL term of the mean of the scales' energies, as the release (entropy weight kept)
+        self.kl_scale = 1.0 / cfg.model.scales if cfg.model.scale_loss == "mean" else 1.0
 
     def transition(self, x0: torch.Tensor, y: torch.Tensor, fresh: torch.Tensor):
         return augment_chains(self.augment, x0, y, fresh) if self.augment else (x0, y)
@@ -46,7 +48,7 @@ class ICD:
             kl = kl_loss(model_energy(module, y, dtype, channels_last=self.sampler.channels_last), x_final)
         ent = entropy_loss(x_final, self.bank, self.cfg.entropy_compare) if self.cfg.entropy_coeff > 0 \
             else kl.new_zeros(())
-        total = self.cfg.kl_coeff * kl + self.cfg.entropy_coeff * ent
+        total = self.cfg.kl_coeff * self.kl_scale * kl + self.cfg.entropy_coeff * ent
         return total, {"icd/kl": kl.detach(), "icd/entropy": ent.detach(), "icd/bank_fill": len(self.bank) / self.bank.capacity}
 
     def remember(self, x: torch.Tensor, step: int) -> None:

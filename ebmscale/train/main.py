@@ -196,8 +196,10 @@ def build_engine(cfg, rank: int, ds_cfg: dict):
     model = build_model(cfg.model).to(compute_dtype(cfg.train.precision))
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
+        # train.tf32 (false under recipe: paper): fp32 convolutions and matmuls in TF32 on Ampere and later
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = bool(cfg.train.tf32)
     if cfg.train.deterministic:
-        set_deterministic()
+        set_deterministic()  # TF32 off too
     torch.manual_seed(cfg.run.seed + 7919 * rank)
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim), config=ds_cfg)
     distributed.time_out_every_group(cfg.train.collective_timeout_s)

@@ -117,9 +117,12 @@ class Trainer:
         if self.cfg.train.channels_last_update:
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.cat([y_pos, y_neg]) if self.conditional else None
-        energies = self.engine(x, y).float()
+        # multi-scale under model.scale_loss=mean: [2n, scales], the ICD release's loss (models/multiscale.py)
+        per_scale = self.cfg.model.scales > 1 and self.cfg.model.scale_loss == "mean"
+        energies = (self.engine(x, y, per_scale=True) if per_scale else self.engine(x, y)).float()
+        loss = cd_loss(energies[:n], energies[n:], self.cfg.train.alpha)
+        energies = energies.sum(-1) if per_scale else energies
         e_pos, e_neg = energies[:n], energies[n:]
-        loss = cd_loss(e_pos, e_neg, self.cfg.train.alpha)
         icd_stats = {}
         if self.icd:
             extra, icd_stats = self.icd.loss(self.engine.module, x_final, y_neg if self.conditional else None, self.dtype)
