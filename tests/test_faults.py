@@ -59,7 +59,7 @@ def make_trainer(root: Path, **ckpt_cfg) -> Trainer:
     t.ckpt = ck.Checkpointer(root, SimpleNamespace(**cfg), rank=0, world_size=1)
     t.rank, t.world_size, t.step, t.images_seen, t._saved_step = 0, 1, 0, 0, -1
     t.heartbeat = Heartbeat(root.parent / "hb", 0)
-    t.icd = None
+    t.icd, t.device = None, torch.device("cpu")
     return t
 
 
@@ -437,26 +437,35 @@ def test_make_shards_survives_a_dead_worker_and_verify_checks_sha256(tmp_path, m
 def test_the_killed_watchdog_waits_for_a_slow_but_beating_trainer(tmp_path, monkeypatch):
     import threading
     import time
+    from ebmscale.tracking import mlflow_run
     from ebmscale.tracking.mlflow_run import MlflowTracker
     from ebmscale.train import heartbeat, stop
+    # the trainer's and the watchdog's clock, moved by this test alone: how busy the machine is changes nothing
+    clock = [1000.0]
+    fake_time = SimpleNamespace(monotonic=lambda: clock[0], time=lambda: clock[0])
+    monkeypatch.setattr(heartbeat, "time", fake_time)
+    monkeypatch.setattr(mlflow_run, "time", fake_time)
     monkeypatch.setattr(heartbeat, "WRITE_EVERY_S", 0.0)
     hb = Heartbeat(tmp_path, 0)
     hb.beat(0)
-    time.sleep(1.0)
-    hb.beat(1)  # the trainer's pace: about 1 s a step
+    clock[0] += 1.0
+    hb.beat(1)  # the trainer's pace: 1 s a step
     ends = []
     fake = SimpleNamespace(_closed=threading.Event(), _last_put=0.0, killed_after_s=0.3, heartbeat=hb, _run_id="r",
                            run_dir=tmp_path, spool=SimpleNamespace(lock=threading.Lock()),
-                           _put=lambda r: ends.append((time.monotonic(), r)))
+                           _put=lambda r: ends.append((clock[0], r)))
     stop.request_stop("SIGTERM")
     try:
-        t0 = time.monotonic()
+        t0 = clock[0]
         dog = threading.Thread(target=MlflowTracker._watchdog, args=(fake,), daemon=True)
         dog.start()
         for step in (2, 3, 4):  # slower than killed_after_s, but steady
-            time.sleep(0.9)
+            time.sleep(0.6)  # the watchdog looks every 0.5 s of real time
+            clock[0] += 0.9
             hb.beat(step)
+        time.sleep(0.6)
         assert not ends, "marked KILLED while the trainer was beating"
+        clock[0] += 10.0  # then silence, far past its patience (1.5 steps)
         dog.join(10)
     finally:
         stop.clear()
