@@ -81,6 +81,27 @@ def test_committed_names_outside_the_folder_are_refused(tmp_path):
     assert "outside its folder" in ck.invalid(tmp_path / ck.tag(2), content=True)
 
 
+def _rewrite(key, value):
+    return lambda m, f: (f / ck.COMMIT).write_text(json.dumps({**m, key: {k: value for k in m[key]}}))
+
+
+@pytest.mark.parametrize("craft, names", [
+    (_rewrite("sha256", "abc"), "COMMITTED"),  # a hash of the wrong length
+    (_rewrite("files", "12"), "COMMITTED"),  # said "12 bytes, 12 at commit" before
+    (lambda m, f: (f / ck.COMMIT).write_text("not json{"), "COMMITTED"),  # blamed trainer.json before
+    (lambda m, f: ((f / ck.COMMIT).unlink(), os.mkfifo(f / ck.COMMIT)), "COMMITTED"),  # read forever before
+    (lambda m, f: ((f / ck.COMMIT).unlink(), os.symlink("/dev/zero", f / ck.COMMIT)), "COMMITTED"),  # filled memory
+    (lambda m, f: (f / "trainer.json").write_text("{}"), "trainer.json"),  # passed as a 0-rank checkpoint before
+])
+def test_a_crafted_marker_is_refused_naming_the_file_and_never_hangs(tmp_path, craft, names):
+    saved_run(tmp_path, steps=(2, 4))
+    step4 = tmp_path / ck.tag(4)
+    craft(json.loads((step4 / ck.COMMIT).read_text()), step4)
+    why = ck.invalid(step4, content=True)
+    assert why and why.startswith(f"{step4 / names} unreadable"), why
+    assert ck.latest(tmp_path) == tmp_path / ck.tag(2) and ck.healthy_checkpoints(tmp_path, 1) == [tmp_path / ck.tag(2)]
+
+
 def test_rollback_state_lives_beside_the_step_keyed_to_its_commit_and_moves_with_it(tmp_path):
     t = saved_run(tmp_path, steps=(2, 4))
     step2 = tmp_path / ck.tag(2)

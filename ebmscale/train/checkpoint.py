@@ -49,6 +49,7 @@ import pickle
 import random
 import re
 import shutil
+import stat
 import threading
 import time
 from contextlib import contextmanager
@@ -101,10 +102,31 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) is not None and committed(p)), key=step_of)
 
 
+MAX_SMALL = 16 << 20  # COMMITTED, trainer.json, markers: larger is not ebmscale's
+
+
+def read_small(path: Path, limit: int = MAX_SMALL) -> bytes:
+    """The bytes of a small regular file (a marker, trainer.json) from a folder that may be data: a FIFO, a device
+    (a symlink to /dev/zero) or a file over `limit` is refused with ValueError naming it, never read forever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            raise ValueError(f"{path} is not a regular file of at most {limit} bytes")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(limit + 1)[:limit]
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path, limit: int = MAX_SMALL):
+    return json.loads(read_small(path, limit) or b"{}")
+
+
 def healthy(folder: Path) -> bool:
     """The guard's flag (and finite weights) in COMMITTED; older checkpoints (or an empty marker) count as healthy."""
     try:
-        marker = json.loads((folder / COMMIT).read_text())
+        marker = read_json(folder / COMMIT)
         return bool(marker.get("healthy", True)) and bool(marker.get("finite", True))
     except (OSError, ValueError, AttributeError):
         return True
@@ -114,7 +136,7 @@ def healthy_checkpoints(root: Path, world_size: Optional[int] = None) -> list[Pa
     """Committed checkpoints the guard judged healthy (written by `world_size` ranks if given), oldest first."""
     def ok(p):
         return healthy(p) and invalid(p) is None and (
-            world_size is None or json.loads((p / "trainer.json").read_text())["world_size"] == world_size)
+            world_size is None or read_json(p / "trainer.json")["world_size"] == world_size)
     return [p for p in list_checkpoints(root) if ok(p)]
 
 
@@ -131,8 +153,8 @@ def commit_key(folder: Path) -> Optional[str]:
     """The identity of one commit of `folder` (a digest of its COMMITTED: sizes, hashes, time); what the files
     beside it (`_universal`, `.rollback.json`) are keyed to. None if not committed."""
     try:
-        return hashlib.sha256((Path(folder) / COMMIT).read_bytes()).hexdigest()[:32]
-    except OSError:
+        return hashlib.sha256(read_small(Path(folder) / COMMIT)).hexdigest()[:32]
+    except (OSError, ValueError):
         return None
 
 
@@ -160,15 +182,19 @@ def invalid(folder: Path, content: bool = False) -> Optional[str]:
     """Why a committed checkpoint cannot be resumed (naming the bad file), or None. `content`: also every file's
     sha256 against COMMITTED (checkpoints committed before hashes were recorded: sizes only)."""
     folder = Path(folder)
+    bad = folder / COMMIT
     try:
-        marker = json.loads((folder / COMMIT).read_text() or "{}")
-        state = json.loads((folder / "trainer.json").read_text())
-        if not isinstance(marker, dict) or not isinstance(state, dict):
-            raise ValueError("not a JSON object")
-        world = int(state.get("world_size", 0))
+        marker = read_json(bad)
         files, sums = dict(marker.get("files") or {}), dict(marker.get("sha256") or {})
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        return f"{getattr(e, 'filename', None) or folder / 'trainer.json'} unreadable: {e}"
+        if not all(isinstance(v, int) for v in files.values()) or not all(
+                isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in sums.values()):
+            raise ValueError("its sizes must be integers and its sha256 64 hex digits")
+        bad = folder / "trainer.json"
+        world = read_json(bad)["world_size"]
+        if not isinstance(world, int) or world < 1:
+            raise ValueError(f"world_size {world!r} is not a positive integer")
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
+        return f"{bad} unreadable: {type(e).__name__}: {e}"
     for r in range(world):
         if not (folder / f"rank_{r:05d}.pt").exists():
             return f"{folder / f'rank_{r:05d}.pt'} is missing"
@@ -509,7 +535,7 @@ class Checkpointer:
         """Why there is not room for the next checkpoint (its size estimated from the last one), or None."""
         last = next(iter(list_checkpoints(self.root)[-1:]), None)
         try:
-            size = sum(json.loads((last / COMMIT).read_text()).get("files", {}).values()) if last else 0
+            size = sum(read_json(last / COMMIT).get("files", {}).values()) if last else 0
             free = shutil.disk_usage(self.root).free
         except (OSError, ValueError, AttributeError, TypeError):
             return None
@@ -661,12 +687,12 @@ class Checkpointer:
         very commit of the folder)."""
         folder = Path(folder)
         try:
-            side = json.loads(folder.with_name(folder.name + ROLLBACK).read_text())
+            side = read_json(folder.with_name(folder.name + ROLLBACK))
             if isinstance(side, dict) and side.get("commit") == commit_key(folder) and isinstance(side.get("state"), dict):
                 return side["state"]
         except (OSError, ValueError):
             pass
-        return json.loads((folder / "trainer.json").read_text())
+        return read_json(folder / "trainer.json")
 
     @staticmethod
     def read_rank_files(folder: Path) -> list[dict]:

@@ -31,7 +31,8 @@ from ebmscale.models import build_model
 from ebmscale.tracking import build_tracker, pictures
 from ebmscale.train import runlock, stop
 from ebmscale.train.checkpoint import (UNIVERSAL, Checkpointer, CheckpointWriteError, bookkeeping, broadcast,  # noqa: F401
-                                       commit_key, fingerprint, restore, trust_pickles, write_if_changed)  # (fingerprint: tests)
+                                       commit_key, fingerprint, read_json, restore, trust_pickles,  # (fingerprint: tests)
+                                       write_if_changed)
 from ebmscale.precision import compute_dtype
 from ebmscale.train.ds_config import build_ds_config
 from ebmscale.train.entry import train_main
@@ -111,7 +112,7 @@ def all_hosts() -> str:
 
 def _marker(path: Path) -> dict:
     try:
-        m = json.loads(path.read_text())
+        m = read_json(path)  # a FIFO or /dev/zero here is refused, never waited on
         return m if isinstance(m, dict) else {}
     except (OSError, ValueError):
         return {}
