@@ -7,6 +7,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 
 from conftest import train
 from ebmscale.train import checkpoint as ck
@@ -100,6 +101,37 @@ def test_a_crafted_marker_is_refused_naming_the_file_and_never_hangs(tmp_path, c
     why = ck.invalid(step4, content=True)
     assert why and why.startswith(f"{step4 / names} unreadable"), why
     assert ck.latest(tmp_path) == tmp_path / ck.tag(2) and ck.healthy_checkpoints(tmp_path, 1) == [tmp_path / ck.tag(2)]
+
+
+def test_a_step_folder_or_file_that_is_a_link_elsewhere_is_not_resumed_and_its_target_survives(tmp_path):
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    saved_run(run, steps=(2, 4, 6))
+    elsewhere.mkdir()
+    shutil.move(run / ck.tag(6), elsewhere / ck.tag(6))  # intact and committed, but not in this run's folder
+    (run / ck.tag(6)).symlink_to(elsewhere / ck.tag(6))
+    assert "is a symbolic link" in ck.invalid(run / ck.tag(6), content=True)
+    shutil.move(run / ck.tag(4) / "rank_00000.pt", elsewhere / "rank_00000.pt")
+    (run / ck.tag(4) / "rank_00000.pt").symlink_to(elsewhere / "rank_00000.pt")
+    assert "rank_00000.pt is a symbolic link" in ck.invalid(run / ck.tag(4), content=True)
+    t = make_trainer(run, keep_last=1)
+    assert t.ckpt.resume_target() == run / ck.tag(2)
+    t.ckpt.discard_after(run / ck.tag(2))  # a rollback removes what is newer: the link, never what it points to
+    assert ck.invalid(elsewhere / ck.tag(6), content=True) is None and (elsewhere / "rank_00000.pt").exists()
+
+
+def test_hashing_happens_off_the_training_thread_and_skips_other_ranks_temporary_files(tmp_path, monkeypatch):
+    import threading
+    t = make_trainer(tmp_path, async_buffer=True)
+    t.buffer.push(torch.rand(8, 1, 4, 4), torch.randint(0, 10, (8,)))
+    where, digest = [], ck.digest
+    monkeypatch.setattr(ck, "digest", lambda f: (where.append((f.name, threading.current_thread().name)), digest(f))[1])
+    t.step = 2
+    t.save()
+    t.ckpt.commit()
+    main = threading.main_thread().name
+    assert where and all(th != main for _, th in where), where  # a large checkpoint's hash does not stall a step
+    assert ck.invalid(tmp_path / ck.tag(2), content=True) is None
+    assert ck._owned(".rank_00001.pt.tmp") == -1  # another rank's file, still being written: rank 0 leaves it
 
 
 def test_rollback_state_lives_beside_the_step_keyed_to_its_commit_and_moves_with_it(tmp_path):

@@ -26,7 +26,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     """RUN_DIR or a checkpoint folder -> (run folder, committed checkpoint folder)."""
     path = Path(path)
     if committed(path):
-        why = invalid(path, content=True)  # sizes and sha256 against COMMITTED
+        why = invalid(path.resolve(), content=True)  # sizes and sha256 against COMMITTED (a link the user named: fine)
         if why:
             raise ValueError(f"{path} cannot be loaded: {why}")
         return path.parent.parent, path

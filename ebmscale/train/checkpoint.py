@@ -201,6 +201,9 @@ def invalid(folder: Path, content: bool = False) -> Optional[str]:
     for name in {*files, *sums}:
         if Path(name).is_absolute() or ".." in Path(name).parts:
             return f"{folder / COMMIT} names {name!r}, outside its folder"
+    for p in (folder, *(folder / n for n in sorted({*files, *sums}))):
+        if p.is_symlink():  # ebmscale writes none: a link would make the checkpoint's content live elsewhere
+            return f"{p} is a symbolic link (to {os.readlink(p)}); a checkpoint's files must lie in its folder"
     for name, size in files.items():
         f = folder / name
         if not f.is_file() or f.stat().st_size != size:
@@ -393,7 +396,10 @@ def bookkeeping(path: Path, text: str) -> None:
 
 def _owned(name: str) -> int:
     """The rank that wrote (and fsyncs and hashes) a checkpoint file: rank_R.pt and DeepSpeed's *pp_rank_R_* are
-    rank R's, everything else rank 0's."""
+    rank R's, everything else rank 0's; a hidden temporary file (another rank's `.rank_R.pt.tmp`, still being
+    written) nobody's (-1)."""
+    if name.startswith("."):
+        return -1
     m = re.fullmatch(r"rank_(\d+)\.pt", name) or re.search(r"pp_rank_(\d+)_", name)
     return int(m.group(1)) if m else 0
 
@@ -424,7 +430,7 @@ class Checkpointer:
         self.root, self.cfg, self.rank, self.world_size = Path(root), cfg, rank, world_size
         self._pending: Optional[tuple[Path, dict, threading.Thread]] = None
         self._error: list[BaseException] = []
-        self._rank_sum: Optional[str] = None  # sha256 of this rank's file, computed as it was written
+        self._sums: dict = {}  # this rank's files -> sha256, computed off the training thread after the save
         self.fence = None  # () -> why this process lost the run folder's lease (runlock.Lease.lost), or None
         self.last_save_s = 0.0
 
@@ -572,10 +578,16 @@ class Checkpointer:
                 + (f", the newest is {good.name}" if good else "") + ". Free space there and relaunch to resume")
 
     def _write_rank_file(self, folder: Path, state: dict) -> None:
+        """This rank's file, then every file this rank wrote (DeepSpeed's are complete by now) fsynced and hashed:
+        on the background thread with checkpoint.async_buffer, so hashing does not stall training."""
         try:
-            f = folder / f"rank_{self.rank:05d}.pt"
-            _save_file(state, f)
-            self._rank_sum = digest(f)
+            _save_file(state, folder / f"rank_{self.rank:05d}.pt")
+            sums = {}
+            for f in sorted(folder.rglob("*")):
+                if f.is_file() and _owned(f.name) == self.rank:
+                    _fsync(f)
+                    sums[str(f.relative_to(folder))] = digest(f)
+            self._sums = sums
         except BaseException as e:  # surfaced at commit time, never lost silently
             self._error.append(e)
 
@@ -595,13 +607,7 @@ class Checkpointer:
                 raise CheckpointWriteError(self._write_failed(folder, e)) from e
             raise RuntimeError(f"writing {folder}/rank_{self.rank:05d}.pt failed") from e
         with self._writing(folder):
-            sums = {}
-            for f in sorted(folder.rglob("*")):  # each rank its own files (rank 0 the shared ones)
-                if f.is_file() and _owned(f.name) == self.rank:
-                    _fsync(f)
-                    name = str(f.relative_to(folder))
-                    sums[name] = self._rank_sum if f.name == f"rank_{self.rank:05d}.pt" and self._rank_sum else digest(f)
-            self._rank_sum = None
+            sums, self._sums = self._sums, {}  # each rank its own files (rank 0 the shared ones)
             if dist.is_available() and dist.is_initialized():
                 every = [None] * dist.get_world_size()
                 dist.all_gather_object(every, sums)
