@@ -53,6 +53,21 @@ def test_drill_new_world_size_beside_a_stale_failed_marker(tmp_path, digits_shar
     assert ck.invalid(step4, content=True) is None
 
 
+@pytest.mark.slow
+def test_drill_a_fork_to_a_new_world_size_writes_nothing_in_the_other_run(tmp_path, digits_shards):
+    other, run = tmp_path / "other", tmp_path / "run"
+    common = ["checkpoint.every=3", "tracking.enabled=false", "train.zero_stage=2"]
+    train(other, digits_shards, "train.steps=3", *common, nproc=1)
+    before = {p: p.read_bytes() for p in (other / "checkpoints").rglob("*") if p.is_file()}
+    res = train(run, digits_shards, "train.steps=4", f"checkpoint.resume={other / 'checkpoints' / ck.tag(3)}", *common,
+                nproc=2, check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0 and "written by 1 ranks on 2" in out, out[-4000:]
+    after = {p: p.read_bytes() for p in (other / "checkpoints").rglob("*") if p.is_file()}
+    assert after == before  # the conversion went into this run's folder (before: step_3_universal, latest_universal)
+    assert (run / "checkpoints" / f"{ck.tag(3)}{ck.UNIVERSAL}" / "COMPLETE").exists()
+
+
 # ---- the content hash --------------------------------------------------------------------------------------------
 from test_faults import make_trainer, saved_run  # noqa: E402  (the fake engine's tiny trainer)
 
@@ -184,6 +199,10 @@ def test_to_universal_ignores_stale_markers_and_times_out_naming_rank_0(tmp_path
         to_universal(step, rank=1, timeout_s=0.5)
     (out / "COMPLETE").write_text(json.dumps({"source": ck.commit_key(step), "attempt": "x"}))
     assert to_universal(step, rank=1, timeout_s=0.5) == out
+    elsewhere = tmp_path / "fork" / "checkpoints"  # a fork converts another run's step into its own folder
+    (elsewhere / out.name).mkdir(parents=True)
+    (elsewhere / out.name / "COMPLETE").write_text((out / "COMPLETE").read_text())
+    assert to_universal(step, rank=1, timeout_s=0.5, into=elsewhere) == elsewhere / out.name
     (out / "COMPLETE").unlink()
     (out / "FAILED").write_text(json.dumps({"source": ck.commit_key(step), "attempt": "new"}))  # this attempt's
     with pytest.raises(RuntimeError, match="rank 0 could not convert"):

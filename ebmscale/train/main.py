@@ -16,6 +16,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import deepspeed
 import torch
@@ -118,14 +119,15 @@ def _marker(path: Path) -> dict:
         return {}
 
 
-def to_universal(folder: Path, rank: int, timeout_s: float = 3600.0) -> Path:
+def to_universal(folder: Path, rank: int, timeout_s: float = 3600.0, into: Optional[Path] = None) -> Path:
     """ZeRO optimizer shards -> DeepSpeed's universal checkpoint (world-size independent) in step_N_universal/.
 
     Its markers (COMPLETE, FAILED) name the commit they were made from (`commit_key`) and the attempt: a folder
     converted from another commit (another branch's step N, an older save) or left FAILED by an earlier attempt is
     stale, ignored and replaced by rank 0. The other ranks wait on the markers, not in a collective (a large
-    conversion outlasts the collective timeout), for at most `timeout_s`, then fail naming rank 0."""
-    out = folder.with_name(folder.name + UNIVERSAL)
+    conversion outlasts the collective timeout), for at most `timeout_s`, then fail naming rank 0. `into`: the
+    folder to write it in (a fork's own checkpoints folder: another run's folder is only read), default beside it."""
+    out = Path(into or folder.parent) / (folder.name + UNIVERSAL)
     done, failed = out / "COMPLETE", out / "FAILED"
     key = commit_key(folder)
     attempt = None
@@ -261,7 +263,7 @@ def _main(cfg, d, out: Path, held=None) -> stop.Outcome:
     ds_cfg = build_ds_config(cfg, d.world_size)
     load_dir = resume
     if prev and prev["world_size"] != d.world_size and cfg.train.zero_stage > 0:
-        load_dir = to_universal(resume, d.rank, cfg.checkpoint.universal_timeout_s)
+        load_dir = to_universal(resume, d.rank, cfg.checkpoint.universal_timeout_s, ckpt.root if parent else None)
         ds_cfg["checkpoint"] = {"load_universal": True}
     engine = build_engine(cfg, d.rank, ds_cfg)
     buffer = build_buffer(cfg, engine.device)
