@@ -298,6 +298,16 @@ def test_two_processes_racing_for_one_lock_exactly_one_holds_it_every_round(tmp_
     assert not (tmp_path / runlock.LOCK).exists() and not list(tmp_path.glob(".writer.lock.*"))
 
 
+@pytest.mark.parametrize("lock", ["fifo", "garbage"])
+def test_a_lock_that_is_not_a_lock_file_is_refused_by_name_and_never_hangs(tmp_path, lock):
+    from ebmscale.train import runlock
+    path = tmp_path / runlock.LOCK
+    os.mkfifo(path) if lock == "fifo" else path.write_text("garbage{")  # a FIFO: the launch waited forever before
+    with pytest.raises(runlock.RunFolderInUse, match=f"its lock {path} is not a lock file.*If none does, delete {path}"):
+        runlock.acquire(tmp_path)
+    assert runlock.check(tmp_path) == {}  # the launcher's check says "held, unknown by whom", not "free"
+
+
 @pytest.mark.slow
 def test_drill_a_real_full_disk_stops_in_words_and_resumes_once_space_is_freed(tmp_path, digits_shards):
     disk = tmp_path / "disk"
