@@ -350,3 +350,16 @@ def test_loading_for_evaluation_checks_the_content_hash(tmp_path):
     ck._verified.clear()
     with pytest.raises(ValueError, match="has changed since its commit"):
         resolve_checkpoint(step)
+
+
+def test_heartbeat_files_of_a_received_folder_are_data_never_a_crash_or_a_hang(tmp_path):
+    from ebmscale.train import heartbeat
+    hb = tmp_path / "heartbeat"
+    hb.mkdir()
+    (hb / "rank_00000.json").write_text("{}")  # KeyError 'time' before
+    (hb / "rank_00001.json").write_text("[1]")
+    os.mkfifo(hb / "rank_00002.json")  # read forever before
+    (hb / "rank_00003.json").write_text(json.dumps({"time": 0, "rank": 3}))
+    found = heartbeat.stale(tmp_path)
+    assert len(found) == 1 and found[0].startswith("rank 3 on None (pid None): silent"), found
+    assert heartbeat.last_beat(tmp_path, 0) is None and heartbeat.last_beat(tmp_path, 2) is None
