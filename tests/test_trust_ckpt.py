@@ -363,3 +363,12 @@ def test_heartbeat_files_of_a_received_folder_are_data_never_a_crash_or_a_hang(t
     found = heartbeat.stale(tmp_path)
     assert len(found) == 1 and found[0].startswith("rank 3 on None (pid None): silent"), found
     assert heartbeat.last_beat(tmp_path, 0) is None and heartbeat.last_beat(tmp_path, 2) is None
+
+
+def test_only_the_rank_files_of_the_ranks_that_committed_are_read(tmp_path):
+    from ebmscale.eval.loading import load_buffer
+    saved_run(tmp_path, steps=(2,))
+    step = tmp_path / ck.tag(2)
+    shutil.copy(step / "rank_00000.pt", step / "rank_00007.pt")  # not in COMMITTED, never hashed
+    assert ck.invalid(step, content=True) is None
+    assert len(load_buffer(step)["labels"]) == 8  # 16 before: the stray file's samples joined the buffer

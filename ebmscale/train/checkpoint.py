@@ -701,9 +701,9 @@ class Checkpointer:
         return read_json(folder / "trainer.json")
 
     @staticmethod
-    def read_rank_files(folder: Path) -> list[dict]:
-        files = sorted(folder.glob("rank_*.pt"))
-        return [load(f, map_location="cpu", mmap=True) for f in files]
+    def rank_files(folder: Path, state: dict) -> list[Path]:
+        """The per-rank files of the ranks that wrote `folder` (those COMMITTED checked), not any rank_*.pt there."""
+        return [Path(folder) / f"rank_{r:05d}.pt" for r in range(int(state["world_size"]))]
 
 
 def _log(msg: str) -> None:
@@ -724,7 +724,7 @@ def restore(trainer, folder: Path, load_dir: Optional[Path] = None, data_and_rng
         if where == "shared" and (name == "trainer" or name in state):
             part.load_state_dict(state if name == "trainer" else state[name])
     wanted = [n for n, (_, where) in parts.items() if where == "rank" and (data_and_rng or n == "buffer")]
-    files = sorted(folder.glob("rank_*.pt"))
+    files = Checkpointer.rank_files(folder, state)
     buffer = parts["buffer"][0]
     if state["world_size"] == world_size:
         mine = load(files[rank], map_location="cpu", mmap=True)
