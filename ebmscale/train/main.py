@@ -52,7 +52,8 @@ def log(msg: str) -> None:
 
 
 def prepare_run_dir(cfg, out: Path) -> None:
-    """Rank 0: write config.yaml; refuse a silent restart over someone's checkpoints."""
+    """Rank 0: refuse a silent restart over someone's checkpoints (config.yaml is written once, with the resolved
+    precision, by settle_precision: written here too, with `auto`, it was rewritten twice at every start)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     ckpts = out / "checkpoints"
@@ -68,10 +69,8 @@ def prepare_run_dir(cfg, out: Path) -> None:
             if (out / name).exists():
                 shutil.move(str(out / name), str(aside / name))
         log(f"run.overwrite: previous checkpoints moved to {aside}")
-    saved = out / "config.yaml"
-    if saved.exists() and has_ckpt and cfg.checkpoint.resume != "never":
+    if (out / "config.yaml").exists() and has_ckpt and cfg.checkpoint.resume != "never":
         check_frozen(cfg, out)
-    write_if_changed(saved, to_yaml(cfg))  # atomic, and only when it changes: a full disk cannot truncate it
 
 
 def check_frozen(cfg, run: Path) -> None:
