@@ -372,3 +372,19 @@ def test_only_the_rank_files_of_the_ranks_that_committed_are_read(tmp_path):
     shutil.copy(step / "rank_00000.pt", step / "rank_00007.pt")  # not in COMMITTED, never hashed
     assert ck.invalid(step, content=True) is None
     assert len(load_buffer(step)["labels"]) == 8  # 16 before: the stray file's samples joined the buffer
+
+
+def test_a_kill_in_the_middle_of_a_prune_leaves_no_torn_committed_checkpoint(tmp_path, monkeypatch):
+    t = saved_run(tmp_path, steps=(2, 4))
+    rmtree = shutil.rmtree
+
+    def killed(path, *a, **kw):  # deletes one file, then the process dies
+        next(p for p in sorted(path.iterdir()) if p.name != ck.COMMIT).unlink()
+        raise SystemExit("kill -9")
+    monkeypatch.setattr(ck.shutil, "rmtree", killed)
+    with pytest.raises(SystemExit):
+        ck._remove_with_companions(tmp_path / ck.tag(2))
+    monkeypatch.setattr(ck.shutil, "rmtree", rmtree)
+    assert ck.list_checkpoints(tmp_path) == [tmp_path / ck.tag(4)]  # before: step 2 stayed, committed and torn
+    assert make_trainer(tmp_path).ckpt.resume_target() == tmp_path / ck.tag(4)
+    assert not any(p.name.startswith(ck.REMOVING) for p in tmp_path.iterdir()) and t

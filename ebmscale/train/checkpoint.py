@@ -170,9 +170,20 @@ def _move_with_companions(folder: Path, dest_dir: Path) -> None:
         os.replace(p, dest_dir / p.name)
 
 
+REMOVING = ".removing-"  # a folder renamed so before it is deleted: a kill mid-delete leaves no torn commit
+
+
 def _remove_with_companions(folder: Path) -> None:
     for p in [folder, *companions(folder)]:
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        gone = p.with_name(REMOVING + p.name)
+        _rmtree(gone)  # one left by a kill
+        os.replace(p, gone)
+        _rmtree(gone)
+
+
+def _rmtree(p: Path) -> None:
+    """Delete a file, a link (never what it points to) or a folder."""
+    shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
 _verified: dict = {}  # (folder, COMMITTED's mtime and size) -> None: content checked once per process
@@ -441,7 +452,9 @@ class Checkpointer:
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for p in sorted(self.root.iterdir()):
-                if p.is_dir() and step_of(p) is not None and not committed(p):
+                if p.name.startswith(REMOVING):  # a prune or rollback killed mid-delete: finish it
+                    _rmtree(p)
+                elif p.is_dir() and step_of(p) is not None and not committed(p):
                     aside = self.root / f"partial-{time.strftime('%Y%m%d-%H%M%S')}"
                     aside.mkdir(exist_ok=True)
                     _log(f"moving partial checkpoint {p} (no {COMMIT} marker) aside to {aside}")
