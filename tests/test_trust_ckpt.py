@@ -167,6 +167,8 @@ def test_rollback_state_lives_beside_the_step_keyed_to_its_commit_and_moves_with
     side = aside / f"{ck.tag(2)}{ck.ROLLBACK}"  # keyed to another commit of step 2: ignored
     side.write_text(side.read_text().replace(ck.commit_key(aside / ck.tag(2)), "another-commit"))
     assert "marker" not in json.dumps(ck.Checkpointer.read_trainer_state(aside / ck.tag(2)))
+    side.write_text(json.dumps({"commit": ck.commit_key(aside / ck.tag(2)), "state": {"crafted": 1}}))
+    assert ck.Checkpointer.read_trainer_state(aside / ck.tag(2))["world_size"] == 1  # KeyError in main before
 
 
 def test_no_readable_checkpoint_refuses_to_start_from_zero_saying_how(tmp_path):

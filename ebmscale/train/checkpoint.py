@@ -705,13 +705,15 @@ class Checkpointer:
         """trainer.json, or the state recorded beside the step after a rollback to it (if it is keyed to this
         very commit of the folder)."""
         folder = Path(folder)
+        state = read_json(folder / "trainer.json")
         try:
             side = read_json(folder.with_name(folder.name + ROLLBACK))
-            if isinstance(side, dict) and side.get("commit") == commit_key(folder) and isinstance(side.get("state"), dict):
+            if isinstance(side, dict) and side.get("commit") == commit_key(folder) and isinstance(side.get("state"), dict) \
+                    and side["state"].get("world_size") == state.get("world_size"):  # a rollback keeps the world
                 return side["state"]
         except (OSError, ValueError):
             pass
-        return read_json(folder / "trainer.json")
+        return state
 
     @staticmethod
     def rank_files(folder: Path, state: dict) -> list[Path]:
