@@ -118,6 +118,7 @@ def test_a_file_that_needs_pickles_is_refused_unless_trusted(tmp_path, capsys):
     folder = tmp_path / ck.tag(1)
     folder.mkdir()
     torch.save({"buffer": Payload()}, folder / "rank_00000.pt")
+    (folder / "trainer.json").write_text('{"world_size": 1}')
     with pytest.raises(ck.UntrustedFile, match="--trust-pickles"):
         load_buffer(folder)
     with ck.safe_torch_load(), pytest.raises(ck.UntrustedFile):  # what DeepSpeed's loaders call

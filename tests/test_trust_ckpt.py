@@ -7,6 +7,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 
 from conftest import train
 from ebmscale.train import checkpoint as ck
@@ -52,6 +53,21 @@ def test_drill_new_world_size_beside_a_stale_failed_marker(tmp_path, digits_shar
     assert ck.invalid(step4, content=True) is None
 
 
+@pytest.mark.slow
+def test_drill_a_fork_to_a_new_world_size_writes_nothing_in_the_other_run(tmp_path, digits_shards):
+    other, run = tmp_path / "other", tmp_path / "run"
+    common = ["checkpoint.every=3", "tracking.enabled=false", "train.zero_stage=2"]
+    train(other, digits_shards, "train.steps=3", *common, nproc=1)
+    before = {p: p.read_bytes() for p in (other / "checkpoints").rglob("*") if p.is_file()}
+    res = train(run, digits_shards, "train.steps=4", f"checkpoint.resume={other / 'checkpoints' / ck.tag(3)}", *common,
+                nproc=2, check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0 and "written by 1 ranks on 2" in out, out[-4000:]
+    after = {p: p.read_bytes() for p in (other / "checkpoints").rglob("*") if p.is_file()}
+    assert after == before  # the conversion went into this run's folder (before: step_3_universal, latest_universal)
+    assert (run / "checkpoints" / f"{ck.tag(3)}{ck.UNIVERSAL}" / "COMPLETE").exists()
+
+
 # ---- the content hash --------------------------------------------------------------------------------------------
 from test_faults import make_trainer, saved_run  # noqa: E402  (the fake engine's tiny trainer)
 
@@ -81,6 +97,58 @@ def test_committed_names_outside_the_folder_are_refused(tmp_path):
     assert "outside its folder" in ck.invalid(tmp_path / ck.tag(2), content=True)
 
 
+def _rewrite(key, value):
+    return lambda m, f: (f / ck.COMMIT).write_text(json.dumps({**m, key: {k: value for k in m[key]}}))
+
+
+@pytest.mark.parametrize("craft, names", [
+    (_rewrite("sha256", "abc"), "COMMITTED"),  # a hash of the wrong length
+    (_rewrite("files", "12"), "COMMITTED"),  # said "12 bytes, 12 at commit" before
+    (lambda m, f: (f / ck.COMMIT).write_text("not json{"), "COMMITTED"),  # blamed trainer.json before
+    (lambda m, f: ((f / ck.COMMIT).unlink(), os.mkfifo(f / ck.COMMIT)), "COMMITTED"),  # read forever before
+    (lambda m, f: ((f / ck.COMMIT).unlink(), os.symlink("/dev/zero", f / ck.COMMIT)), "COMMITTED"),  # filled memory
+    (lambda m, f: (f / "trainer.json").write_text("{}"), "trainer.json"),  # passed as a 0-rank checkpoint before
+])
+def test_a_crafted_marker_is_refused_naming_the_file_and_never_hangs(tmp_path, craft, names):
+    saved_run(tmp_path, steps=(2, 4))
+    step4 = tmp_path / ck.tag(4)
+    craft(json.loads((step4 / ck.COMMIT).read_text()), step4)
+    why = ck.invalid(step4, content=True)
+    assert why and why.startswith(f"{step4 / names} unreadable"), why
+    assert ck.latest(tmp_path) == tmp_path / ck.tag(2) and ck.healthy_checkpoints(tmp_path, 1) == [tmp_path / ck.tag(2)]
+
+
+def test_a_step_folder_or_file_that_is_a_link_elsewhere_is_not_resumed_and_its_target_survives(tmp_path):
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    saved_run(run, steps=(2, 4, 6))
+    elsewhere.mkdir()
+    shutil.move(run / ck.tag(6), elsewhere / ck.tag(6))  # intact and committed, but not in this run's folder
+    (run / ck.tag(6)).symlink_to(elsewhere / ck.tag(6))
+    assert "is a symbolic link" in ck.invalid(run / ck.tag(6), content=True)
+    shutil.move(run / ck.tag(4) / "rank_00000.pt", elsewhere / "rank_00000.pt")
+    (run / ck.tag(4) / "rank_00000.pt").symlink_to(elsewhere / "rank_00000.pt")
+    assert "rank_00000.pt is a symbolic link" in ck.invalid(run / ck.tag(4), content=True)
+    t = make_trainer(run, keep_last=1)
+    assert t.ckpt.resume_target() == run / ck.tag(2)
+    t.ckpt.discard_after(run / ck.tag(2))  # a rollback removes what is newer: the link, never what it points to
+    assert ck.invalid(elsewhere / ck.tag(6), content=True) is None and (elsewhere / "rank_00000.pt").exists()
+
+
+def test_hashing_happens_off_the_training_thread_and_skips_other_ranks_temporary_files(tmp_path, monkeypatch):
+    import threading
+    t = make_trainer(tmp_path, async_buffer=True)
+    t.buffer.push(torch.rand(8, 1, 4, 4), torch.randint(0, 10, (8,)))
+    where, digest = [], ck.digest
+    monkeypatch.setattr(ck, "digest", lambda f: (where.append((f.name, threading.current_thread().name)), digest(f))[1])
+    t.step = 2
+    t.save()
+    t.ckpt.commit()
+    main = threading.main_thread().name
+    assert where and all(th != main for _, th in where), where  # a large checkpoint's hash does not stall a step
+    assert ck.invalid(tmp_path / ck.tag(2), content=True) is None
+    assert ck._owned(".rank_00001.pt.tmp") == -1  # another rank's file, still being written: rank 0 leaves it
+
+
 def test_rollback_state_lives_beside_the_step_keyed_to_its_commit_and_moves_with_it(tmp_path):
     t = saved_run(tmp_path, steps=(2, 4))
     step2 = tmp_path / ck.tag(2)
@@ -99,6 +167,8 @@ def test_rollback_state_lives_beside_the_step_keyed_to_its_commit_and_moves_with
     side = aside / f"{ck.tag(2)}{ck.ROLLBACK}"  # keyed to another commit of step 2: ignored
     side.write_text(side.read_text().replace(ck.commit_key(aside / ck.tag(2)), "another-commit"))
     assert "marker" not in json.dumps(ck.Checkpointer.read_trainer_state(aside / ck.tag(2)))
+    side.write_text(json.dumps({"commit": ck.commit_key(aside / ck.tag(2)), "state": {"crafted": 1}}))
+    assert ck.Checkpointer.read_trainer_state(aside / ck.tag(2))["world_size"] == 1  # KeyError in main before
 
 
 def test_no_readable_checkpoint_refuses_to_start_from_zero_saying_how(tmp_path):
@@ -131,6 +201,10 @@ def test_to_universal_ignores_stale_markers_and_times_out_naming_rank_0(tmp_path
         to_universal(step, rank=1, timeout_s=0.5)
     (out / "COMPLETE").write_text(json.dumps({"source": ck.commit_key(step), "attempt": "x"}))
     assert to_universal(step, rank=1, timeout_s=0.5) == out
+    elsewhere = tmp_path / "fork" / "checkpoints"  # a fork converts another run's step into its own folder
+    (elsewhere / out.name).mkdir(parents=True)
+    (elsewhere / out.name / "COMPLETE").write_text((out / "COMPLETE").read_text())
+    assert to_universal(step, rank=1, timeout_s=0.5, into=elsewhere) == elsewhere / out.name
     (out / "COMPLETE").unlink()
     (out / "FAILED").write_text(json.dumps({"source": ck.commit_key(step), "attempt": "new"}))  # this attempt's
     with pytest.raises(RuntimeError, match="rank 0 could not convert"):
@@ -226,6 +300,16 @@ def test_two_processes_racing_for_one_lock_exactly_one_holds_it_every_round(tmp_
     assert not (tmp_path / runlock.LOCK).exists() and not list(tmp_path.glob(".writer.lock.*"))
 
 
+@pytest.mark.parametrize("lock", ["fifo", "garbage"])
+def test_a_lock_that_is_not_a_lock_file_is_refused_by_name_and_never_hangs(tmp_path, lock):
+    from ebmscale.train import runlock
+    path = tmp_path / runlock.LOCK
+    os.mkfifo(path) if lock == "fifo" else path.write_text("garbage{")  # a FIFO: the launch waited forever before
+    with pytest.raises(runlock.RunFolderInUse, match=f"its lock {path} is not a lock file.*If none does, delete {path}"):
+        runlock.acquire(tmp_path)
+    assert runlock.check(tmp_path) == {}  # the launcher's check says "held, unknown by whom", not "free"
+
+
 @pytest.mark.slow
 def test_drill_a_real_full_disk_stops_in_words_and_resumes_once_space_is_freed(tmp_path, digits_shards):
     disk = tmp_path / "disk"
@@ -268,3 +352,41 @@ def test_loading_for_evaluation_checks_the_content_hash(tmp_path):
     ck._verified.clear()
     with pytest.raises(ValueError, match="has changed since its commit"):
         resolve_checkpoint(step)
+
+
+def test_heartbeat_files_of_a_received_folder_are_data_never_a_crash_or_a_hang(tmp_path):
+    from ebmscale.train import heartbeat
+    hb = tmp_path / "heartbeat"
+    hb.mkdir()
+    (hb / "rank_00000.json").write_text("{}")  # KeyError 'time' before
+    (hb / "rank_00001.json").write_text("[1]")
+    os.mkfifo(hb / "rank_00002.json")  # read forever before
+    (hb / "rank_00003.json").write_text(json.dumps({"time": 0, "rank": 3}))
+    found = heartbeat.stale(tmp_path)
+    assert len(found) == 1 and found[0].startswith("rank 3 on None (pid None): silent"), found
+    assert heartbeat.last_beat(tmp_path, 0) is None and heartbeat.last_beat(tmp_path, 2) is None
+
+
+def test_only_the_rank_files_of_the_ranks_that_committed_are_read(tmp_path):
+    from ebmscale.eval.loading import load_buffer
+    saved_run(tmp_path, steps=(2,))
+    step = tmp_path / ck.tag(2)
+    shutil.copy(step / "rank_00000.pt", step / "rank_00007.pt")  # not in COMMITTED, never hashed
+    assert ck.invalid(step, content=True) is None
+    assert len(load_buffer(step)["labels"]) == 8  # 16 before: the stray file's samples joined the buffer
+
+
+def test_a_kill_in_the_middle_of_a_prune_leaves_no_torn_committed_checkpoint(tmp_path, monkeypatch):
+    t = saved_run(tmp_path, steps=(2, 4))
+    rmtree = shutil.rmtree
+
+    def killed(path, *a, **kw):  # deletes one file, then the process dies
+        next(p for p in sorted(path.iterdir()) if p.name != ck.COMMIT).unlink()
+        raise SystemExit("kill -9")
+    monkeypatch.setattr(ck.shutil, "rmtree", killed)
+    with pytest.raises(SystemExit):
+        ck._remove_with_companions(tmp_path / ck.tag(2))
+    monkeypatch.setattr(ck.shutil, "rmtree", rmtree)
+    assert ck.list_checkpoints(tmp_path) == [tmp_path / ck.tag(4)]  # before: step 2 stayed, committed and torn
+    assert make_trainer(tmp_path).ckpt.resume_target() == tmp_path / ck.tag(4)
+    assert not any(p.name.startswith(ck.REMOVING) for p in tmp_path.iterdir()) and t

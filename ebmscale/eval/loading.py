@@ -29,7 +29,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     """RUN_DIR or a checkpoint folder -> (run folder, committed checkpoint folder)."""
     path = Path(path)
     if committed(path):
-        why = invalid(path, content=True)  # sizes and sha256 against COMMITTED
+        why = invalid(path.resolve(), content=True)  # sizes and sha256 against COMMITTED (a link the user named: fine)
         if why:
             raise ValueError(f"{path} cannot be loaded: {why}")
         return path.parent.parent, path
@@ -134,8 +134,8 @@ def cast_for_sampling(models: list, precision: str) -> torch.dtype:
 
 def load_buffer(ckpt: Path) -> Optional[dict]:
     """All ranks' replay-buffer shards concatenated: images (uint8 or fp16), labels."""
-    files = sorted(Path(ckpt).glob("rank_*.pt"))
-    if not files:
+    files = Checkpointer.rank_files(ckpt, Checkpointer.read_trainer_state(ckpt))
+    if not all(f.is_file() for f in files):
         return None
     shards = [load(f, map_location="cpu", mmap=True)["buffer"] for f in files]
     return {"images": torch.cat([s["images"] for s in shards]), "labels": torch.cat([s["labels"] for s in shards]),

@@ -49,6 +49,7 @@ import pickle
 import random
 import re
 import shutil
+import stat
 import threading
 import time
 from contextlib import contextmanager
@@ -101,10 +102,31 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) is not None and committed(p)), key=step_of)
 
 
+MAX_SMALL = 16 << 20  # COMMITTED, trainer.json, markers: larger is not ebmscale's
+
+
+def read_small(path: Path, limit: int = MAX_SMALL) -> bytes:
+    """The bytes of a small regular file (a marker, trainer.json) from a folder that may be data: a FIFO, a device
+    (a symlink to /dev/zero) or a file over `limit` is refused with ValueError naming it, never read forever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            raise ValueError(f"{path} is not a regular file of at most {limit} bytes")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(limit + 1)[:limit]
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path, limit: int = MAX_SMALL):
+    return json.loads(read_small(path, limit) or b"{}")
+
+
 def healthy(folder: Path) -> bool:
     """The guard's flag (and finite weights) in COMMITTED; older checkpoints (or an empty marker) count as healthy."""
     try:
-        marker = json.loads((folder / COMMIT).read_text())
+        marker = read_json(folder / COMMIT)
         return bool(marker.get("healthy", True)) and bool(marker.get("finite", True))
     except (OSError, ValueError, AttributeError):
         return True
@@ -114,7 +136,7 @@ def healthy_checkpoints(root: Path, world_size: Optional[int] = None) -> list[Pa
     """Committed checkpoints the guard judged healthy (written by `world_size` ranks if given), oldest first."""
     def ok(p):
         return healthy(p) and invalid(p) is None and (
-            world_size is None or json.loads((p / "trainer.json").read_text())["world_size"] == world_size)
+            world_size is None or read_json(p / "trainer.json")["world_size"] == world_size)
     return [p for p in list_checkpoints(root) if ok(p)]
 
 
@@ -131,8 +153,8 @@ def commit_key(folder: Path) -> Optional[str]:
     """The identity of one commit of `folder` (a digest of its COMMITTED: sizes, hashes, time); what the files
     beside it (`_universal`, `.rollback.json`) are keyed to. None if not committed."""
     try:
-        return hashlib.sha256((Path(folder) / COMMIT).read_bytes()).hexdigest()[:32]
-    except OSError:
+        return hashlib.sha256(read_small(Path(folder) / COMMIT)).hexdigest()[:32]
+    except (OSError, ValueError):
         return None
 
 
@@ -148,9 +170,20 @@ def _move_with_companions(folder: Path, dest_dir: Path) -> None:
         os.replace(p, dest_dir / p.name)
 
 
+REMOVING = ".removing-"  # a folder renamed so before it is deleted: a kill mid-delete leaves no torn commit
+
+
 def _remove_with_companions(folder: Path) -> None:
     for p in [folder, *companions(folder)]:
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        gone = p.with_name(REMOVING + p.name)
+        _rmtree(gone)  # one left by a kill
+        os.replace(p, gone)
+        _rmtree(gone)
+
+
+def _rmtree(p: Path) -> None:
+    """Delete a file, a link (never what it points to) or a folder."""
+    shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
 _verified: dict = {}  # (folder, COMMITTED's mtime and size) -> None: content checked once per process
@@ -160,21 +193,28 @@ def invalid(folder: Path, content: bool = False) -> Optional[str]:
     """Why a committed checkpoint cannot be resumed (naming the bad file), or None. `content`: also every file's
     sha256 against COMMITTED (checkpoints committed before hashes were recorded: sizes only)."""
     folder = Path(folder)
+    bad = folder / COMMIT
     try:
-        marker = json.loads((folder / COMMIT).read_text() or "{}")
-        state = json.loads((folder / "trainer.json").read_text())
-        if not isinstance(marker, dict) or not isinstance(state, dict):
-            raise ValueError("not a JSON object")
-        world = int(state.get("world_size", 0))
+        marker = read_json(bad)
         files, sums = dict(marker.get("files") or {}), dict(marker.get("sha256") or {})
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        return f"{getattr(e, 'filename', None) or folder / 'trainer.json'} unreadable: {e}"
+        if not all(isinstance(v, int) for v in files.values()) or not all(
+                isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in sums.values()):
+            raise ValueError("its sizes must be integers and its sha256 64 hex digits")
+        bad = folder / "trainer.json"
+        world = read_json(bad)["world_size"]
+        if not isinstance(world, int) or world < 1:
+            raise ValueError(f"world_size {world!r} is not a positive integer")
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
+        return f"{bad} unreadable: {type(e).__name__}: {e}"
     for r in range(world):
         if not (folder / f"rank_{r:05d}.pt").exists():
             return f"{folder / f'rank_{r:05d}.pt'} is missing"
     for name in {*files, *sums}:
         if Path(name).is_absolute() or ".." in Path(name).parts:
             return f"{folder / COMMIT} names {name!r}, outside its folder"
+    for p in (folder, *(folder / n for n in sorted({*files, *sums}))):
+        if p.is_symlink():  # ebmscale writes none: a link would make the checkpoint's content live elsewhere
+            return f"{p} is a symbolic link (to {os.readlink(p)}); a checkpoint's files must lie in its folder"
     for name, size in files.items():
         f = folder / name
         if not f.is_file() or f.stat().st_size != size:
@@ -367,7 +407,10 @@ def bookkeeping(path: Path, text: str) -> None:
 
 def _owned(name: str) -> int:
     """The rank that wrote (and fsyncs and hashes) a checkpoint file: rank_R.pt and DeepSpeed's *pp_rank_R_* are
-    rank R's, everything else rank 0's."""
+    rank R's, everything else rank 0's; a hidden temporary file (another rank's `.rank_R.pt.tmp`, still being
+    written) nobody's (-1)."""
+    if name.startswith("."):
+        return -1
     m = re.fullmatch(r"rank_(\d+)\.pt", name) or re.search(r"pp_rank_(\d+)_", name)
     return int(m.group(1)) if m else 0
 
@@ -398,7 +441,7 @@ class Checkpointer:
         self.root, self.cfg, self.rank, self.world_size = Path(root), cfg, rank, world_size
         self._pending: Optional[tuple[Path, dict, threading.Thread]] = None
         self._error: list[BaseException] = []
-        self._rank_sum: Optional[str] = None  # sha256 of this rank's file, computed as it was written
+        self._sums: dict = {}  # this rank's files -> sha256, computed off the training thread after the save
         self.fence = None  # () -> why this process lost the run folder's lease (runlock.Lease.lost), or None
         self.last_save_s = 0.0
 
@@ -409,7 +452,9 @@ class Checkpointer:
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for p in sorted(self.root.iterdir()):
-                if p.is_dir() and step_of(p) is not None and not committed(p):
+                if p.name.startswith(REMOVING):  # a prune or rollback killed mid-delete: finish it
+                    _rmtree(p)
+                elif p.is_dir() and step_of(p) is not None and not committed(p):
                     aside = self.root / f"partial-{time.strftime('%Y%m%d-%H%M%S')}"
                     aside.mkdir(exist_ok=True)
                     _log(f"moving partial checkpoint {p} (no {COMMIT} marker) aside to {aside}")
@@ -509,7 +554,7 @@ class Checkpointer:
         """Why there is not room for the next checkpoint (its size estimated from the last one), or None."""
         last = next(iter(list_checkpoints(self.root)[-1:]), None)
         try:
-            size = sum(json.loads((last / COMMIT).read_text()).get("files", {}).values()) if last else 0
+            size = sum(read_json(last / COMMIT).get("files", {}).values()) if last else 0
             free = shutil.disk_usage(self.root).free
         except (OSError, ValueError, AttributeError, TypeError):
             return None
@@ -546,10 +591,16 @@ class Checkpointer:
                 + (f", the newest is {good.name}" if good else "") + ". Free space there and relaunch to resume")
 
     def _write_rank_file(self, folder: Path, state: dict) -> None:
+        """This rank's file, then every file this rank wrote (DeepSpeed's are complete by now) fsynced and hashed:
+        on the background thread with checkpoint.async_buffer, so hashing does not stall training."""
         try:
-            f = folder / f"rank_{self.rank:05d}.pt"
-            _save_file(state, f)
-            self._rank_sum = digest(f)
+            _save_file(state, folder / f"rank_{self.rank:05d}.pt")
+            sums = {}
+            for f in sorted(folder.rglob("*")):
+                if f.is_file() and _owned(f.name) == self.rank:
+                    _fsync(f)
+                    sums[str(f.relative_to(folder))] = digest(f)
+            self._sums = sums
         except BaseException as e:  # surfaced at commit time, never lost silently
             self._error.append(e)
 
@@ -569,13 +620,7 @@ class Checkpointer:
                 raise CheckpointWriteError(self._write_failed(folder, e)) from e
             raise RuntimeError(f"writing {folder}/rank_{self.rank:05d}.pt failed") from e
         with self._writing(folder):
-            sums = {}
-            for f in sorted(folder.rglob("*")):  # each rank its own files (rank 0 the shared ones)
-                if f.is_file() and _owned(f.name) == self.rank:
-                    _fsync(f)
-                    name = str(f.relative_to(folder))
-                    sums[name] = self._rank_sum if f.name == f"rank_{self.rank:05d}.pt" and self._rank_sum else digest(f)
-            self._rank_sum = None
+            sums, self._sums = self._sums, {}  # each rank its own files (rank 0 the shared ones)
             if dist.is_available() and dist.is_initialized():
                 every = [None] * dist.get_world_size()
                 dist.all_gather_object(every, sums)
@@ -660,18 +705,20 @@ class Checkpointer:
         """trainer.json, or the state recorded beside the step after a rollback to it (if it is keyed to this
         very commit of the folder)."""
         folder = Path(folder)
+        state = read_json(folder / "trainer.json")
         try:
-            side = json.loads(folder.with_name(folder.name + ROLLBACK).read_text())
-            if isinstance(side, dict) and side.get("commit") == commit_key(folder) and isinstance(side.get("state"), dict):
+            side = read_json(folder.with_name(folder.name + ROLLBACK))
+            if isinstance(side, dict) and side.get("commit") == commit_key(folder) and isinstance(side.get("state"), dict) \
+                    and side["state"].get("world_size") == state.get("world_size"):  # a rollback keeps the world
                 return side["state"]
         except (OSError, ValueError):
             pass
-        return json.loads((folder / "trainer.json").read_text())
+        return state
 
     @staticmethod
-    def read_rank_files(folder: Path) -> list[dict]:
-        files = sorted(folder.glob("rank_*.pt"))
-        return [load(f, map_location="cpu", mmap=True) for f in files]
+    def rank_files(folder: Path, state: dict) -> list[Path]:
+        """The per-rank files of the ranks that wrote `folder` (those COMMITTED checked), not any rank_*.pt there."""
+        return [Path(folder) / f"rank_{r:05d}.pt" for r in range(int(state["world_size"]))]
 
 
 def _log(msg: str) -> None:
@@ -692,7 +739,7 @@ def restore(trainer, folder: Path, load_dir: Optional[Path] = None, data_and_rng
         if where == "shared" and (name == "trainer" or name in state):
             part.load_state_dict(state if name == "trainer" else state[name])
     wanted = [n for n, (_, where) in parts.items() if where == "rank" and (data_and_rng or n == "buffer")]
-    files = sorted(folder.glob("rank_*.pt"))
+    files = Checkpointer.rank_files(folder, state)
     buffer = parts["buffer"][0]
     if state["world_size"] == world_size:
         mine = load(files[rank], map_location="cpu", mmap=True)

@@ -53,18 +53,26 @@ class Heartbeat:
         return max(floor_s, 1.5 * (self.step_s or 0.0))
 
 
+def _read(f: Path) -> Optional[dict]:
+    """A heartbeat file of a folder that may be someone else's: a FIFO, a device, a huge or malformed file is None."""
+    try:
+        b = json.loads(f.read_text()) if f.is_file() and f.stat().st_size < 1 << 16 else None
+        return b if isinstance(b, dict) and isinstance(b.get("time"), (int, float)) else None
+    except (OSError, ValueError):
+        return None
+
+
 def stale(run_dir: Path, floor_s: float = 60.0) -> list[str]:
     """The ranks whose heartbeat file is older than their patience, described with host, pid, step and phase."""
     out, now = [], time.time()
     for f in sorted((Path(run_dir) / "heartbeat").glob("rank_*.json")):
-        try:
-            b = json.loads(f.read_text())
-        except (OSError, ValueError):
+        b = _read(f)
+        if b is None:
             continue
         quiet = now - b["time"]
         if quiet > max(floor_s, 1.5 * (b.get("step_s") or 0.0)):
-            out.append(f"rank {b['rank']} on {b['host']} (pid {b['pid']}): silent {quiet:.0f} s at step {b['step']} "
-                       f"({b['phase']})")
+            out.append(f"rank {b.get('rank')} on {b.get('host')} (pid {b.get('pid')}): silent {quiet:.0f} s at step "
+                       f"{b.get('step')} ({b.get('phase')})")
     return out
 
 
@@ -78,9 +86,8 @@ def read_beat(run_dir: Path, rank: int) -> Optional[dict]:
 
 def last_beat(run_dir: Path, rank: int) -> Optional[str]:
     """What rank `rank` last reported: host, pid, step, phase and how long ago; None without a heartbeat file."""
-    try:
-        b = json.loads((Path(run_dir) / "heartbeat" / f"rank_{rank:05d}.json").read_text())
-    except (OSError, ValueError):
+    b = _read(Path(run_dir) / "heartbeat" / f"rank_{rank:05d}.json")
+    if b is None:
         return None
-    return (f"on {b['host']} (pid {b['pid']}), last heard at step {b['step']} ({b['phase']}) "
+    return (f"on {b.get('host')} (pid {b.get('pid')}), last heard at step {b.get('step')} ({b.get('phase')}) "
             f"{time.time() - b['time']:.0f} s ago")

@@ -17,6 +17,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import deepspeed
 import torch
@@ -32,7 +33,8 @@ from ebmscale.models import build_model
 from ebmscale.tracking import build_tracker, pictures
 from ebmscale.train import runlock, stop
 from ebmscale.train.checkpoint import (UNIVERSAL, Checkpointer, CheckpointWriteError, bookkeeping, broadcast,  # noqa: F401
-                                       commit_key, fingerprint, restore, trust_pickles, write_if_changed)  # (fingerprint: tests)
+                                       commit_key, fingerprint, read_json, restore, trust_pickles,  # (fingerprint: tests)
+                                       write_if_changed)
 from ebmscale.precision import compute_dtype
 from ebmscale.train.ds_config import build_ds_config
 from ebmscale.train.entry import train_main
@@ -51,7 +53,8 @@ def log(msg: str) -> None:
 
 
 def prepare_run_dir(cfg, out: Path) -> None:
-    """Rank 0: write config.yaml; refuse a silent restart over someone's checkpoints."""
+    """Rank 0: refuse a silent restart over someone's checkpoints (config.yaml is written once, with the resolved
+    precision, by settle_precision: written here too, with `auto`, it was rewritten twice at every start)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     ckpts = out / "checkpoints"
@@ -67,10 +70,8 @@ def prepare_run_dir(cfg, out: Path) -> None:
             if (out / name).exists():
                 shutil.move(str(out / name), str(aside / name))
         log(f"run.overwrite: previous checkpoints moved to {aside}")
-    saved = out / "config.yaml"
-    if saved.exists() and has_ckpt and cfg.checkpoint.resume != "never":
+    if (out / "config.yaml").exists() and has_ckpt and cfg.checkpoint.resume != "never":
         check_frozen(cfg, out)
-    write_if_changed(saved, to_yaml(cfg))  # atomic, and only when it changes: a full disk cannot truncate it
 
 
 def check_frozen(cfg, run: Path) -> None:
@@ -112,20 +113,21 @@ def all_hosts() -> str:
 
 def _marker(path: Path) -> dict:
     try:
-        m = json.loads(path.read_text())
+        m = read_json(path)  # a FIFO or /dev/zero here is refused, never waited on
         return m if isinstance(m, dict) else {}
     except (OSError, ValueError):
         return {}
 
 
-def to_universal(folder: Path, rank: int, timeout_s: float = 3600.0) -> Path:
+def to_universal(folder: Path, rank: int, timeout_s: float = 3600.0, into: Optional[Path] = None) -> Path:
     """ZeRO optimizer shards -> DeepSpeed's universal checkpoint (world-size independent) in step_N_universal/.
 
     Its markers (COMPLETE, FAILED) name the commit they were made from (`commit_key`) and the attempt: a folder
     converted from another commit (another branch's step N, an older save) or left FAILED by an earlier attempt is
     stale, ignored and replaced by rank 0. The other ranks wait on the markers, not in a collective (a large
-    conversion outlasts the collective timeout), for at most `timeout_s`, then fail naming rank 0."""
-    out = folder.with_name(folder.name + UNIVERSAL)
+    conversion outlasts the collective timeout), for at most `timeout_s`, then fail naming rank 0. `into`: the
+    folder to write it in (a fork's own checkpoints folder: another run's folder is only read), default beside it."""
+    out = Path(into or folder.parent) / (folder.name + UNIVERSAL)
     done, failed = out / "COMPLETE", out / "FAILED"
     key = commit_key(folder)
     attempt = None
@@ -281,7 +283,7 @@ def _main(cfg, d, out: Path, held=None) -> stop.Outcome:
     ds_cfg = build_ds_config(cfg, d.world_size)
     load_dir = resume
     if prev and prev["world_size"] != d.world_size and cfg.train.zero_stage > 0:
-        load_dir = to_universal(resume, d.rank, cfg.checkpoint.universal_timeout_s)
+        load_dir = to_universal(resume, d.rank, cfg.checkpoint.universal_timeout_s, ckpt.root if parent else None)
         ds_cfg["checkpoint"] = {"load_universal": True}
     engine = build_engine(cfg, d.rank, ds_cfg)
     buffer = build_buffer(cfg, engine.device)

@@ -129,6 +129,8 @@ def _refusal(run_dir: Path, path: Path, info: dict) -> str:
 
 def _read(path: Path) -> Optional[dict]:
     try:
+        if not path.is_file() or path.stat().st_size > 1 << 16:  # a FIFO, a device, a huge file: not a lock
+            return {} if os.path.lexists(path) else None
         info = json.loads(path.read_text())
         return info if isinstance(info, dict) else {}
     except FileNotFoundError:
@@ -208,7 +210,10 @@ def acquire(run_dir: Path, log=print, lease_s: float = LEASE_S) -> Lease:
                         time.sleep(0.2)
                         if _read(path):
                             continue
-                    raise RunFolderInUse(_refusal(run_dir, path, info or {"host": "?", "pid": "?"})) from None
+                    raise RunFolderInUse(_refusal(run_dir, path, info) if info else (
+                        f"run.dir: {run_dir}: its lock {path} is not a lock file ebmscale can read (not JSON, not a "
+                        f"regular file, or over 64 KiB), so whether another job writes this folder is unknown. If "
+                        f"none does, delete {path}")) from None
                 aside = run_dir / f"{LOCK}.stale-{mine['token']}"
                 try:
                     os.rename(path, aside)
