@@ -196,7 +196,7 @@ def test_explicit_keys_beat_the_recipe_and_digits_is_icd_on_ebmscale_choices():
     assert (mine.model.init, mine.train.precision, mine.train.tf32, mine.guard.enabled) == ("torch", "bf16", True, True)
     digits = load_config(CONFIG_DIR / "digits.yaml")
     assert digits.recipe == "icd" and digits.model.residual == "scaled" and digits.buffer.labels == "stored"
-    assert (digits.model.init, digits.train.precision, digits.guard.enabled) == ("torch", "auto", True)
+    assert (digits.model.init, digits.train.precision, digits.guard.enabled) == ("torch", "fp32", True)  # fp32: its own
 
 
 def test_conditional_chains_take_the_batch_labels_under_paper(tmp_path):
@@ -242,8 +242,8 @@ def test_bad_recipe_values_name_the_key(override, words):
 
 def test_recipe_icd_is_ebmscale_plus_the_icd_terms():
     from ebmscale.config import icd_active, recipe_choices
-    icd = load_config(CONFIG_DIR / "digits.yaml", ["recipe=icd"])
-    plain = load_config(CONFIG_DIR / "digits.yaml", ["recipe=ebmscale"])
+    icd = load_config(CONFIG_DIR / "cifar10.yaml", ["recipe=icd"])
+    plain = load_config(CONFIG_DIR / "cifar10.yaml", ["recipe=ebmscale"])
     assert icd_active(icd) and not icd_active(plain)
     assert {k: OmegaConf.select(icd, k) for k in recipe_choices("ebmscale", icd.model)} == \
         recipe_choices("ebmscale", plain.model)

@@ -131,7 +131,7 @@ class Guard:
     def measure(self, out: dict, engine, stop_requested: bool) -> torch.Tensor:
         """This rank's contribution: [stop, nonfinite, grad norm^2 share, mean E+, mean E-, collapsed, std, saturated]."""
         zero = torch.zeros((), device=self.device)
-        if not self.cfg.enabled:
+        if self.cfg.enabled is False:  # null (unresolved): the recipe default outside paper, on
             return torch.stack([zero + float(stop_requested)] + [zero] * 8)
         grads, replicated = gradient_shard(engine)
         gsq = torch.stack(norms(grads)).float().pow(2).sum() if grads else zero
@@ -158,7 +158,7 @@ class Guard:
         v = Verdict(step, stop_requested=s[STOP] > 0,
                     metrics={"guard/grad_norm": float("nan") if overflow else norm, "guard/neg_std": s[NEG_STD] / w,
                              "guard/saturated": s[SATURATED] / w, "guard/fp16_overflow": float(overflow)})
-        if not c.enabled:
+        if c.enabled is False:
             return v
         fired = {}  # all of them (a NaN compares False): a blow-up whose gradients overflow is still a blow-up
         if s[NONFINITE] > 0:
