@@ -266,3 +266,26 @@ def test_loss_energies_and_langevin_are_the_first_charts_in_mlflow():
     # the rule itself: unprefixed keys come after every named section, "system/" last
     assert [n for n, _ in mlflow_chart_sections(["loss", "zeta/a", "system/cpu", "a/b/c"])] == \
         ["a/b", "zeta", "Model metrics", "System metrics"]
+
+
+@pytest.mark.slow  # a sqlite store opened twice: ~15 s on 2 busy cores
+def test_a_copied_run_folder_gets_its_own_mlflow_run(tmp_path):
+    """A run folder copied beside the original resumes its checkpoints (which carry the original's run id) but logs
+    to a new MLflow run tagged copied_from; the original's run is neither continued nor reopened."""
+    import shutil
+    from mlflow.tracking import MlflowClient
+    first = launch(config(experiment="copies"), tmp_path / "runs" / "a")
+    first.log_metrics({"loss": 0.5}, 1)
+    first.finish("FINISHED")
+    shutil.copytree(tmp_path / "runs" / "a", tmp_path / "runs" / "b")
+    copy = launch(config(experiment="copies"), tmp_path / "runs" / "b", run_id=first.run_id)  # the checkpoint's id
+    copy.log_metrics({"loss": 0.25}, 2)
+    copy.finish("FINISHED")
+    client = MlflowClient(copy.tracking_uri)
+    assert copy.run_id != first.run_id
+    assert client.get_run(copy.run_id).data.tags["copied_from"] == first.run_id
+    assert [m.step for m in client.get_metric_history(first.run_id, "loss")] == [1]  # the original untouched
+    assert client.get_run(first.run_id).data.tags["restart_count"] == "0"
+    again = launch(config(experiment="copies"), tmp_path / "runs" / "b", run_id=copy.run_id)  # the copy resumes its own
+    again.finish("FINISHED")
+    assert again.run_id == copy.run_id

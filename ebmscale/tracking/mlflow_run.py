@@ -127,6 +127,11 @@ class MlflowTracker:
         self.tracking_uri = cfg.uri or default_uri(self.run_dir)
         saved = self._load()
         spool_dir = self.run_dir / "tracking_spool"
+        self._copied_from = None
+        if saved.get("run_dir") not in (None, str(self.run_dir.resolve())):  # its checkpoints' run id is the original's
+            _warn(f"{self.run_dir} was copied or moved from {saved['run_dir']}: a new MLflow run (tag copied_from="
+                  f"{saved.get('run_id')}), so the original's run is neither continued nor reopened")
+            self._copied_from, saved, run_id = saved.get("run_id"), {}, None
         if saved.get("tracking_uri") not in (None, self.tracking_uri):
             _warn(f"{self.run_dir}/tracking.json is for {saved['tracking_uri']}, now {self.tracking_uri}: new run")
             saved = {}
@@ -197,7 +202,9 @@ class MlflowTracker:
                 self._drop(f"artifact {e}")
         self._put({"op": "start", "run_name": self.run_name, "ts": _now_ms(),
                    "params": {k: str(v)[:6000] for k, v in redact(params).items()},
-                   "tags": {k: str(v)[:8000] for k, v in redact(tags).items()}, **({"file": config} if config else {})})
+                   "tags": {k: str(v)[:8000] for k, v in redact({**tags, **({"copied_from": self._copied_from}
+                                                                           if self._copied_from else {})}).items()},
+                   **({"file": config} if config else {})})
         self._start_sender()
         self._closed.clear()
         deadline = time.monotonic() + 3.0  # a moment for the run id (the launch log prints it), never more
@@ -510,7 +517,8 @@ class MlflowTracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.run_dir / "tracking.json.tmp"
         tmp.write_text(json.dumps({"run_id": self._run_id, "tracking_uri": self.tracking_uri,
-                                   "experiment": self.cfg.experiment}, indent=1) + "\n")
+                                   "experiment": self.cfg.experiment, "run_dir": str(self.run_dir.resolve())},
+                                  indent=1) + "\n")
         os.replace(tmp, self.run_dir / "tracking.json")
 
 
