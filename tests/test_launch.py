@@ -539,3 +539,15 @@ def test_gres_gpus_reads_sinfos_gpu_counts():
     assert gres_gpus("gpu:8") == 8 and gres_gpus("gpu:a100:4(S:0-1)") == 4
     assert gres_gpus("gpu:a100:4(S:0-1),gpu:v100:2") == 6 and gres_gpus("(null)") == 0
     assert gres_gpus("craynetwork:4,gpu:h100:8(S:0-1)") == 8
+
+
+def test_a_launch_that_lost_the_race_does_not_overwrite_the_winners_launch_json(tmp_path, monkeypatch):
+    from ebmscale.launch import checks, submit
+    monkeypatch.setattr(checks, "slurm_state", lambda job: "RUNNING" if job == "100" else "GONE")
+    submit.write_launch_info(tmp_path, {"executor": "slurm", "job_id": "100"})
+    submit.write_launch_info(tmp_path, {"executor": "slurm", "job_id": "101"})  # both passed the check at once
+    assert json.loads((tmp_path / "launch.json").read_text())["job_id"] == "100"
+    assert json.loads((tmp_path / "launch.101.json").read_text())["job_id"] == "101"
+    monkeypatch.setattr(checks, "slurm_state", lambda job: "COMPLETED")  # the winner ended: the next launch is named
+    submit.write_launch_info(tmp_path, {"executor": "slurm", "job_id": "102"})
+    assert json.loads((tmp_path / "launch.json").read_text())["job_id"] == "102"

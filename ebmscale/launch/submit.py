@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ebmscale.config import ConfigError
-from ebmscale.launch.checks import FINAL_STATES, slurm_state, tasks_per_node
+from ebmscale.launch.checks import FINAL_STATES, job_alive, slurm_state, tasks_per_node
 from ebmscale.launch.job import LOG_NAME, TrainJob
 from ebmscale.distributed import free_port
 from ebmscale.progress import Console
@@ -135,11 +135,23 @@ def _visible_gpus() -> Tuple[int, ...]:
 
 
 def write_launch_info(out: Path, info: Dict[str, Any]) -> None:
+    """RUN/launch.json names the job that writes the folder (status, stop, the next launch's check). A launch that
+    lost a race to another one still alive (both passed the check in the same second) writes launch.<job>.json
+    instead: its job will be refused by the writer lock, and launch.json keeps naming the winner."""
     info = {**info, "submitted": datetime.datetime.now().isoformat(timespec="seconds"),
             "host": socket.gethostname(), "cwd": os.getcwd(), "command": sys.argv}
-    tmp = out / "launch.json.tmp"
+    path = out / "launch.json"
+    try:
+        current = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        current = {}
+    if isinstance(current, dict) and str(current.get("job_id")) != str(info["job_id"]) and job_alive(current):
+        path = out / f"launch.{info['job_id']}.json"
+        print(f"[launch] warning: {out / 'launch.json'} names {current.get('executor')} job {current.get('job_id')}, "
+              f"still alive: this job will find the folder in use; its record is {path.name}", file=sys.stderr)
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, out / "launch.json")
+    os.replace(tmp, path)
 
 
 def submit_slurm(cfg: DictConfig):
