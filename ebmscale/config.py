@@ -216,7 +216,7 @@ class GuardConfig:
 @dataclass
 class ICDConfig:
     """Improved contrastive divergence (Du, Li, Tenenbaum & Mordatch 2021; ebmscale/train/icd.py). The release's
-    value is the default unless the README's ICD table says otherwise."""
+    value is the default unless docs/recipes.md's ICD table says otherwise."""
     enabled: bool = False  # the ICD recipe: KL + entropy terms, augmentation transitions, reservoir buffer
     kl_coeff: float = 1.0  # weight of the KL term: E(final samples) under the frozen model, through the sampler
     kl_steps: int = 1  # the sampler's last K steps the KL gradient flows through (release: 1; `all_step` = all)
@@ -342,8 +342,8 @@ def merge_overrides(cfg: DictConfig, overrides: List[str]) -> DictConfig:
 def recipe_choices(recipe: str, model: Any) -> Dict[str, Any]:
     """Every choice a recipe makes, as {config key: value}, for a `model` section (arch, activation, classes).
     `paper` is openai/ebm_code_release line by line (models.py, utils.py, custom_adam.py, train.py); `ebmscale`
-    is today's measured choices; `icd` is `ebmscale` plus the ICD terms (`icd_active`). README.md "Recipes" gives the
-    why of each."""
+    is today's measured choices; `icd` is `ebmscale` plus the ICD terms (`icd_active`). docs/recipes.md ("The three recipes")
+    gives the why of each; docs/paper-recipe.md what each `paper` key costs, measured."""
     if recipe == "paper":
         if model.activation == "swish":  # models.py 435-438, 613-616: the block activation again
             pool = "swish"

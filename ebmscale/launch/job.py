@@ -107,7 +107,7 @@ class TrainJob:
         setup_logging(d.rank)
         preempt_sig = env._usr_sig()
         stop.clear()
-        # SIGUSR1 too (the README's stop signals are USR1, USR2 and TERM): without a handler its default action
+        # SIGUSR1 too (docs/clusters.md's stop signals are USR1, USR2 and TERM): without a handler its default action
         # killed the rank outright under the launcher; now it is a checkpoint-and-stop like SIGTERM
         stop.install_handlers(tuple(dict.fromkeys((preempt_sig, signal.SIGUSR1, signal.SIGTERM))))
         stop.install_interrupt_handler()  # a terminal's Ctrl-C reaches every task of a --local job

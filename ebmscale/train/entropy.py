@@ -10,7 +10,7 @@ from one another's recent predecessors, which counters mode collapse.
 The bank is a ring of the most recent final samples of this rank (a fp16 ReplayBuffer without labels), so the
 state is per rank: saved in the rank file beside the replay buffer, and on a new world size re-sharded as the
 buffer is (buffer.reshard: every row to one rank, newest kept). The release compares against 100 draws from its
-replay buffer instead (a reservoir, so a uniform sample of the whole history, augmented); see the README.
+replay buffer instead (a reservoir, so a uniform sample of the whole history, augmented); see docs/recipes.md, "The ICD recipe".
 """
 from __future__ import annotations
 
