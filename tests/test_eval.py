@@ -245,7 +245,8 @@ def test_evaluation_skips_checkpoints_the_guard_marked_unhealthy(tmp_path, capsy
     for step, ok in ((10, True), (20, False)):
         (root / f"step_{step:09d}").mkdir(parents=True)
         (root / f"step_{step:09d}" / "COMMITTED").write_text(json.dumps({"step": step, "healthy": ok}))
-        (root / f"step_{step:09d}" / "trainer.json").write_text(json.dumps({"step": step, "world_size": 0}))
+        (root / f"step_{step:09d}" / "trainer.json").write_text(json.dumps({"step": step, "world_size": 1}))
+        (root / f"step_{step:09d}" / "rank_00000.pt").write_bytes(b"buffer")  # what commit() checks is there
     assert resolve_checkpoint(tmp_path / "run") == (tmp_path / "run", root / "step_000000010")
     assert "step_000000020 was marked unhealthy" in capsys.readouterr().err
     assert resolve_checkpoint(root / "step_000000020")[1] == root / "step_000000020"  # named: used as asked
