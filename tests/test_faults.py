@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT
 from ebmscale.buffer import ReplayBuffer
+from ebmscale.data.writer import encode as _real_encode
 from ebmscale.config import GuardConfig
 from ebmscale.tracking.mlflow_run import NullTracker
 from ebmscale.train import checkpoint as ck
@@ -401,8 +402,7 @@ def _die_on_third(item, **kw):
     import os
     if item[1] == 2:
         os._exit(9)  # what the OOM killer does to a worker
-    from ebmscale.data.writer import encode
-    return encode(item, **kw)
+    return _real_encode(item, **kw)  # not writer.encode: a forked worker inherits the patch (itself: a recursion)
 
 
 def test_make_shards_survives_a_dead_worker_and_verify_checks_sha256(tmp_path, monkeypatch):

@@ -93,7 +93,7 @@ def test_usable_cpus_follows_the_affinity_mask():
 def test_a_run_resolves_auto_once_and_records_it(tmp_path, digits_shards):
     from conftest import train
     run = tmp_path / "run"
-    res = train(run, digits_shards, "train.steps=2", "checkpoint.every=2", "tracking.enabled=false")
+    res = train(run, digits_shards, "train.steps=2", "checkpoint.every=2", "tracking.enabled=false", "train.precision=auto")
     hw = detect_hardware("cpu")
     want = resolve("auto", hw).precision
     record = json.loads((run / "precision.json").read_text())

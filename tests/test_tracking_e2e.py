@@ -104,7 +104,7 @@ def test_run_tracked_through_a_server_outage(mlflow_server, tmp_path, digits_sha
     how fast the tiny steps are, rank 1 is paused (SIGSTOP) while the server boots (10-20 s here): rank 0 then
     waits in a collective, as it would on a slow step, while its sender thread carries on."""
     steps, run_dir = 30, tmp_path / "run"
-    proc, log = start_train(run_dir, digits_shards, f"train.steps={steps}", "checkpoint.every=15",
+    proc, log = start_train(run_dir, digits_shards, f"train.steps={steps}", "checkpoint.every=15", "train.precision=auto",
                             f"tracking.uri={mlflow_server.url}", "tracking.experiment=e2e", "tracking.retry_s=1")
     rank1 = None
     try:
