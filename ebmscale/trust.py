@@ -81,12 +81,34 @@ def read_json(path: str | Path, max_bytes: int = MAX_JSON, root: Optional[str | 
 
 
 # ---- run folders ----------------------------------------------------------------------------------------------
+def _interpolated(obj: Any, key: str = "") -> list[str]:
+    """The keys of `obj` (a raw, unresolved container) whose string holds an interpolation (`${...}`)."""
+    if isinstance(obj, str):
+        return [key or "(top)"] if "${" in obj else []
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    return [k for i, v in items for k in _interpolated(v, f"{key}.{i}" if key else str(i))]
+
+
+def _no_interpolation(path: Path, data: bytes) -> None:
+    """A run folder's config.yaml is written resolved (config.to_yaml): an interpolation in it (`${oc.env:...}`,
+    `${oc.decode:...}`, a reference) was put there by hand and would be resolved in the reader's process, e.g.
+    putting the reader's environment variables (tokens) into the config that tools show, log and export."""
+    try:
+        raw = OmegaConf.to_container(OmegaConf.create(data.decode("utf-8")), resolve=False)
+    except Exception as e:  # noqa: BLE001 - any parse failure of a file someone else wrote
+        raise Untrusted(f"{path} is not a YAML mapping ebmscale wrote: {e}") from None
+    bad = _interpolated(raw)
+    if bad:
+        raise Untrusted(f"{path}: {', '.join(bad[:5])} hold(s) an interpolation (${{...}}); a run folder's config is "
+                        f"written resolved, and one there would be resolved with your environment: refused")
+
+
 def run_config(run: str | Path):
     """A run folder's config.yaml as data: size-capped, inside the folder, validated, and with every trust switch
     (data.allow_pipe, data.allow_pickle, checkpoint.trust_pickles) off and launcher.setup emptied: those come
     from the command line of the tool reading it, never from the folder."""
     path = Path(run) / "config.yaml"
-    read_bytes(path, MAX_YAML, run)
+    _no_interpolation(path, read_bytes(path, MAX_YAML, run))
     cfg = from_yaml_file(confined(path, run, "config.yaml"))
     for key in TRUST_SWITCHES:
         OmegaConf.update(cfg, key, False)

