@@ -152,6 +152,10 @@ def exported_config(folder: str | Path) -> dict:
         out[k] = v
     if "model" not in out:
         raise Untrusted(f"{path} has no 'model' section: not an ebmscale export")
+    bad = _interpolated(out)  # the sections are merged into an OmegaConf config, which would resolve ${oc.env:...}
+    if bad:
+        raise Untrusted(f"{path}: {', '.join(bad[:5])} hold(s) an interpolation (${{...}}); an export writes plain "
+                        f"values, and one there would be resolved with your environment: refused")
     return out
 
 

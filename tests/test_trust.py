@@ -128,6 +128,16 @@ def test_run_config_refuses_interpolations_that_read_the_readers_environment(tmp
     with pytest.raises(Untrusted, match=r"tracking\.uri.*interpolation"):
         trust.run_config(tmp_path)
 
+
+def test_exported_config_refuses_interpolations(tmp_path, monkeypatch):
+    """config.json's sections are merged into an OmegaConf config: a `${oc.env:...}` there was resolved, and the
+    reader's environment variable came back in the error message (`unknown architecture 's3cr3t-value'`)."""
+    monkeypatch.setenv("EBMSCALE_TEST_SECRET", "s3cr3t-value")
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"arch": "${oc.env:EBMSCALE_TEST_SECRET}"}}))
+    with pytest.raises(Untrusted, match=r"model\.arch.*interpolation") as e:
+        trust.exported_config(tmp_path)
+    assert "s3cr3t-value" not in str(e.value)
+
 # ---- drill 2: a received run folder's spool names a file outside it -------------------------------------------------
 def _spool_drill_folder(tmp_path):
     victim = tmp_path / "victim"
