@@ -258,10 +258,13 @@ def tracking_target(run_dir: str | Path, saved: dict, named: Optional[str]) -> s
 SECRET_WORD = (r"(?:password|passwd|pwd|pass|secret|token|signature|sig|credentials?|api[_-]?key|access[_-]?key|"
                r"private[_-]?key|secret[_-]?key|auth|authorization)")
 SECRET_NAME = rf"(?:[A-Za-z0-9]+[_-])*{SECRET_WORD}(?:[_-][A-Za-z0-9]+)*"  # a whole _/- separated word says secret
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)(?P<pw>:[^/@\s]*)?@")
+# the password runs to the last @ of the authority (an unencoded @ in it), not into the path, query or fragment
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)(?P<pw>:[^/?#\s]*)?@")
 _QUERY = re.compile(rf"(?P<k>[?&;](?i:{SECRET_NAME}|X-Amz-[A-Za-z-]+|X-Goog-[A-Za-z-]+|key)=)[^&#\s'\"]*")
-_ASSIGN = re.compile(rf"(?P<k>\b(?i:{SECRET_NAME})\s*[=:]\s*)(?P<q>['\"]?)[^\s'\"&]+")
-_FLAG = re.compile(rf"(?P<k>--(?i:{SECRET_NAME})[ =])(?P<q>['\"]?)[^\s'\"]+")
+# a value: a whole quoted string (spaces and all), an auth scheme with its token (Bearer xyz), or one word
+_VALUE = r"""(?:(?P<q>['"])(?:(?!(?P=q)).)*(?P=q)|(?i:(?:bearer|basic|digest|token)\s+)?['"]?[^\s'"&]+)"""
+_ASSIGN = re.compile(rf"(?P<k>\b(?i:{SECRET_NAME})\s*[=:]\s*){_VALUE}")
+_FLAG = re.compile(rf"(?P<k>--(?i:{SECRET_NAME})[ =]){_VALUE}")
 MASK = "***"
 
 
@@ -271,8 +274,8 @@ def redact_text(s: str) -> str:
     password, secret, token, key, credential or auth."""
     s = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user'] + ':' if m['pw'] else ''}{MASK}@", s)  # no ':': a token
     s = _QUERY.sub(lambda m: f"{m['k']}{MASK}", s)
-    s = _FLAG.sub(lambda m: f"{m['k']}{m['q']}{MASK}", s)
-    return _ASSIGN.sub(lambda m: f"{m['k']}{m['q']}{MASK}", s)
+    s = _FLAG.sub(lambda m: f"{m['k']}{m['q'] or ''}{MASK}{m['q'] or ''}", s)
+    return _ASSIGN.sub(lambda m: f"{m['k']}{m['q'] or ''}{MASK}{m['q'] or ''}", s)
 
 
 def redact(obj: Any) -> Any:

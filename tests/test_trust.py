@@ -85,6 +85,10 @@ def test_tracking_target_only_a_store_the_user_named(tmp_path):
     ("export HF_TOKEN=hf_abcdef", "hf_abcdef", "HF_TOKEN"),
     ("export AWS_SECRET_ACCESS_KEY='wJalrXUtnF'", "wJalrXUtnF", "export"),
     ("srun --password hunter2 true", "hunter2", "srun"),
+    ("postgresql://alice:p@ss@word@db:5432/x", "ss@word", "db:5432"),  # an unencoded @ in the password
+    ("export PASSWORD=\"correct horse battery\" && run", "horse", "&& run"),  # a quoted value with spaces
+    ("srun --password 'correct horse' true", "horse", "true"),
+    ("curl -H 'Authorization: Bearer eyJhbGciOi' https://h", "eyJhbGciOi", "curl"),  # the token after its scheme
 ])
 def test_redact_masks_secrets_and_keeps_the_rest(text, secret, kept):
     out = trust.redact_text(text)
