@@ -165,19 +165,25 @@ def read_npz(path: str | Path, keys=("images", "labels", "run", "step")) -> dict
     unpacks past NPZ_RATIO x the file size, the file a regular file (a symlink is followed, then checked as one)."""
     import numpy as np
     path = Path(path)
-    size = path.stat().st_size
-    try:
-        with zipfile.ZipFile(path) as z:
-            total = sum(i.file_size for i in z.infolist())
-    except zipfile.BadZipFile as e:
-        raise Untrusted(f"{path} is not an .npz: {e}") from None
-    if total > NPZ_RATIO * size + (1 << 20):
-        raise Untrusted(f"{path} unpacks to {total:,} bytes from {size:,}: refused (a zip bomb?)")
-    try:
-        with np.load(path, allow_pickle=False) as d:
-            return {k: d[k] for k in keys if k in d.files}
-    except ValueError as e:
-        raise Untrusted(f"{path}: {e} (object arrays need pickle, which ebmscale does not load from a file)") from None
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:  # a FIFO must not block the open
+        st = os.fstat(f.fileno())
+        if not (st.st_mode & 0o170000 == 0o100000):
+            raise Untrusted(f"{path} is not a regular file: refused")
+        size = st.st_size
+        try:
+            with zipfile.ZipFile(f) as z:
+                total = sum(i.file_size for i in z.infolist())
+        except zipfile.BadZipFile as e:
+            raise Untrusted(f"{path} is not an .npz: {e}") from None
+        if total > NPZ_RATIO * size + (1 << 20):
+            raise Untrusted(f"{path} unpacks to {total:,} bytes from {size:,}: refused (a zip bomb?)")
+        f.seek(0)
+        try:
+            with np.load(f, allow_pickle=False) as d:  # the same open file that was checked
+                return {k: d[k] for k in keys if k in d.files}
+        except ValueError as e:
+            raise Untrusted(f"{path}: {e} (object arrays need pickle, which ebmscale does not load from a "
+                            f"file)") from None
 
 
 # ---- tracking ---------------------------------------------------------------------------------------------------

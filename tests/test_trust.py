@@ -63,6 +63,27 @@ def test_read_npz_refuses_pickles_and_zip_bombs(tmp_path):
         trust.read_npz(tmp_path / "bomb.npz")
 
 
+
+def test_read_npz_refuses_a_fifo_without_blocking(tmp_path):
+    """A FIFO named like an .npz (e.g. a received run's eval/fid_stats.npz) hung the reader in open()."""
+    import threading
+    os.mkfifo(tmp_path / "fifo.npz")
+    got = []
+
+    def read():
+        try:
+            trust.read_npz(tmp_path / "fifo.npz")
+        except Exception as e:  # noqa: BLE001
+            got.append(e)
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(5)
+    if t.is_alive():  # release the blocked open (a writer's open and close: EOF) before failing
+        os.close(os.open(tmp_path / "fifo.npz", os.O_WRONLY | os.O_NONBLOCK))
+        t.join(5)
+        pytest.fail("read_npz blocked on a FIFO")
+    assert isinstance(got[0], Untrusted) and "not a regular file" in str(got[0])
+
 # ---- credentials and secrets --------------------------------------------------------------------------------------
 def test_tracking_target_only_a_store_the_user_named(tmp_path):
     run = tmp_path / "runs" / "r"
