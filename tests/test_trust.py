@@ -163,6 +163,28 @@ def test_exported_config_refuses_interpolations(tmp_path, monkeypatch):
         trust.exported_config(tmp_path)
     assert "s3cr3t-value" not in str(e.value)
 
+
+@pytest.mark.parametrize("planted", ["spool.jsonl", "cursor.tmp", "cursor", "state.json"])
+def test_spool_never_writes_through_a_planted_link(tmp_path, planted):
+    """A received run's tracking_spool/spool.jsonl linked to a file outside was opened for append (and truncated
+    to its last newline: a torn-line repair), and a planted cursor.tmp link was written through on the first ack."""
+    from ebmscale.tracking.spool import Spool
+    victim = tmp_path / "victim"
+    victim.write_text("line1\nprecious-no-newline")
+    spool = tmp_path / "run" / "tracking_spool"
+    spool.mkdir(parents=True)
+    (spool / "cursor").write_text("0")
+    (spool / planted).unlink(missing_ok=True)
+    (spool / planted).symlink_to(victim)
+    try:
+        s = Spool(spool)
+        s.append({"op": "tags", "tags": {"a": "b"}})
+        s.ack(3)
+        s.close()
+    except Untrusted as e:
+        assert planted in str(e)
+    assert victim.read_text() == "line1\nprecious-no-newline"
+
 # ---- drill 2: a received run folder's spool names a file outside it -------------------------------------------------
 def _spool_drill_folder(tmp_path):
     victim = tmp_path / "victim"

@@ -18,7 +18,7 @@ import threading
 import uuid
 from pathlib import Path
 
-from ebmscale.trust import Untrusted, read_json, spool_file
+from ebmscale.trust import Untrusted, read_bytes, read_json, spool_file
 
 COMPACT_BYTES = 1 << 20  # truncate a fully sent spool once it is this big
 LINK_BYTES = 64 << 20  # hard-link (don't copy) files this big, e.g. checkpoints written once
@@ -26,8 +26,19 @@ LINK_BYTES = 64 << 20  # hard-link (don't copy) files this big, e.g. checkpoints
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    if tmp.is_symlink() or tmp.exists():  # a leftover (or a planted link): removed, never written through
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
     os.replace(tmp, path)
+
+
+def _own_file(path: Path) -> None:
+    """A spool bookkeeping file that exists must be a regular file, not a link (to a file outside) or a FIFO."""
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise Untrusted(f"{path} is a link or not a regular file; the spool writes plain files there: refused "
+                        f"(nothing outside the spool is read or written)")
 
 
 class SpoolFull(RuntimeError):
@@ -54,17 +65,25 @@ def _link_or_copy(src, dst):
 class Spool:
     def __init__(self, root: Path, max_bytes: int = 0):
         self.root, self.max_bytes = Path(root), max_bytes
+        if self.root.is_symlink():
+            raise Untrusted(f"{self.root} is a symbolic link: refused (the spool is written in place)")
         (self.root / "files").mkdir(parents=True, exist_ok=True)
         self.path, self.state_path = self.root / "spool.jsonl", self.root / "state.json"
         self.cursor_path = self.root / "cursor"
+        for p in (self.path, self.state_path, self.cursor_path, self.root / "files"):
+            if p.name == "files":
+                if p.is_symlink():
+                    raise Untrusted(f"{p} is a symbolic link: refused")
+            else:
+                _own_file(p)
         self.lock = threading.RLock()
         self.state = read_json(self.state_path, 64 << 20, self.root) if self.state_path.exists() else {}
-        self._f = open(self.path, "ab")
+        self._f = os.fdopen(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644), "ab")
         data = self.path.read_bytes()
         if data and not data.endswith(b"\n"):  # torn by a crash mid-append
             self._f.truncate(data.rfind(b"\n") + 1)
         self._f.seek(0, os.SEEK_END)
-        self.cursor = int(self.cursor_path.read_text()) if self.cursor_path.exists() else 0
+        self.cursor = int(read_bytes(self.cursor_path, 64, self.root)) if self.cursor_path.exists() else 0
         if self.cursor > self._f.tell():  # crashed between truncating and rewinding the cursor
             self.cursor = 0
         self.file_bytes = _size(self.root / "files")
