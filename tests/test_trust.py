@@ -185,6 +185,22 @@ def test_spool_never_writes_through_a_planted_link(tmp_path, planted):
         assert planted in str(e)
     assert victim.read_text() == "line1\nprecious-no-newline"
 
+
+def test_tracking_json_is_not_written_through_a_planted_temp_link(tmp_path):
+    """Replaying a received spool's start record saves tracking.json via tracking.json.tmp, which was written
+    through a symlink planted under that name (a file outside the run overwritten)."""
+    from types import SimpleNamespace
+
+    from ebmscale.tracking.mlflow_run import MlflowTracker
+    victim, run = tmp_path / "victim", tmp_path / "run"
+    victim.write_text("precious")
+    run.mkdir()
+    (run / "tracking.json.tmp").symlink_to(victim)
+    me = SimpleNamespace(run_dir=run, _run_id="abc", tracking_uri=trust.local_store(run),
+                         cfg=SimpleNamespace(experiment="e"))
+    MlflowTracker._save(me)
+    assert victim.read_text() == "precious" and json.loads((run / "tracking.json").read_text())["run_id"] == "abc"
+
 # ---- drill 2: a received run folder's spool names a file outside it -------------------------------------------------
 def _spool_drill_folder(tmp_path):
     victim = tmp_path / "victim"

@@ -47,7 +47,7 @@ import numpy as np
 from PIL import Image
 
 from ebmscale.log import get_logger
-from ebmscale.tracking.spool import Spool, SpoolFull
+from ebmscale.tracking.spool import Spool, SpoolFull, _write_atomic
 from ebmscale.train import stop
 from ebmscale.train.heartbeat import stale
 from ebmscale.trust import Untrusted, local_store, read_json, redact, redact_text, spool_record
@@ -515,11 +515,10 @@ class MlflowTracker:
 
     def _save(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.run_dir / "tracking.json.tmp"
-        tmp.write_text(json.dumps({"run_id": self._run_id, "tracking_uri": self.tracking_uri,
-                                   "experiment": self.cfg.experiment, "run_dir": str(self.run_dir.resolve())},
-                                  indent=1) + "\n")
-        os.replace(tmp, self.run_dir / "tracking.json")
+        _write_atomic(self.run_dir / "tracking.json",  # never through a link planted as tracking.json.tmp
+                      json.dumps({"run_id": self._run_id, "tracking_uri": self.tracking_uri,
+                                  "experiment": self.cfg.experiment, "run_dir": str(self.run_dir.resolve())},
+                                 indent=1) + "\n")
 
 
 def build_tracker(cfg, run_dir: Path, rank: int, run_id: Optional[str] = None, run_name_default: str = "ebm"):
