@@ -201,6 +201,30 @@ def test_tracking_json_is_not_written_through_a_planted_temp_link(tmp_path):
     MlflowTracker._save(me)
     assert victim.read_text() == "precious" and json.loads((run / "tracking.json").read_text())["run_id"] == "abc"
 
+
+def test_a_fifo_manifest_beside_shards_does_not_hang_counting(tmp_path):
+    """count_samples read manifest.json beside the shards with an unbounded gopen read: a FIFO there (or a link
+    to /dev/zero) hung the reader (evaluate, training's sample count); now refused and the tar counted instead."""
+    import io
+    import tarfile
+    import threading
+
+    from ebmscale.data.shards import count_samples, list_shards
+    with tarfile.open(tmp_path / "s-0.tar", "w") as t:
+        info = tarfile.TarInfo("000.cls")
+        info.size = 1
+        t.addfile(info, io.BytesIO(b"1"))
+    os.mkfifo(tmp_path / "manifest.json")
+    shards = list_shards(str(tmp_path / "s-0.tar"))
+    t = threading.Thread(target=count_samples, args=(shards,), daemon=True)
+    t.start()
+    t.join(5)
+    if t.is_alive():
+        os.close(os.open(tmp_path / "manifest.json", os.O_WRONLY | os.O_NONBLOCK))
+        t.join(5)
+        pytest.fail("count_samples blocked on a FIFO manifest.json")
+    assert shards[0].samples == 1
+
 # ---- drill 2: a received run folder's spool names a file outside it -------------------------------------------------
 def _spool_drill_folder(tmp_path):
     victim = tmp_path / "victim"

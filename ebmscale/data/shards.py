@@ -29,6 +29,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
 from ebmscale.config import ConfigError
+from ebmscale.trust import Untrusted, read_bytes
 
 log = logging.getLogger("ebmscale.data")
 
@@ -49,9 +50,23 @@ def _join(base: str, name: str) -> str:
     return name if not is_local(name) or os.path.isabs(name) or not base else posixpath.join(base, name)
 
 
-def _read_json(url: str) -> dict:
+MAX_INDEX_BYTES = 64 << 20  # a manifest.json or shard list (100k shards: ~15 MB)
+
+
+def _read_index(url: str) -> bytes:
+    """A manifest or shard list: a local one must be a regular file (a FIFO there hung the reader, a link to
+    /dev/zero filled memory); local or remote, at most MAX_INDEX_BYTES."""
+    if is_local(url):
+        return read_bytes(url, MAX_INDEX_BYTES)
     with gopen(url) as f:
-        return json.loads(f.read())
+        data = f.read(MAX_INDEX_BYTES + 1)
+    if len(data) > MAX_INDEX_BYTES:
+        raise Untrusted(f"{url} is over {MAX_INDEX_BYTES:,} bytes: refused (not a manifest or shard list)")
+    return data
+
+
+def _read_json(url: str) -> dict:
+    return json.loads(_read_index(url))
 
 
 def _from_manifest(url: str, source: int) -> List[Shard]:
@@ -64,8 +79,7 @@ def _from_manifest(url: str, source: int) -> List[Shard]:
 
 
 def _from_list(url: str, source: int) -> List[Shard]:
-    with gopen(url) as f:
-        lines = [ln.strip() for ln in f.read().decode().splitlines()]
+    lines = [ln.strip() for ln in _read_index(url).decode().splitlines()]
     return [Shard(_join(posixpath.dirname(url), ln), None, source) for ln in lines if ln and not ln.startswith("#")]
 
 
