@@ -117,8 +117,14 @@ def run_config(run: str | Path):
 
 
 def has_scheme(spec: str) -> bool:
-    """A pipe: or URL (scheme://) part in a data.shards spec."""
-    return any(p.strip().startswith("pipe:") or "://" in p for p in str(spec).split("::"))
+    """A pipe: or URL (scheme://) part in a data.shards spec, also once its braces are expanded as list_shards
+    expands them (`{https:/,x}/host/s.tar` holds no '://' until then)."""
+    import braceexpand
+
+    def bad(u: str) -> bool:
+        return u.strip().startswith("pipe:") or "://" in u
+    parts = [p.strip() for p in str(spec).split("::")]
+    return any(bad(p) or any(bad(u) for u in braceexpand.braceexpand(p)) for p in parts)
 
 
 def run_shards(run: str | Path, cfg) -> str:

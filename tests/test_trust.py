@@ -225,6 +225,16 @@ def test_a_fifo_manifest_beside_shards_does_not_hang_counting(tmp_path):
         pytest.fail("count_samples blocked on a FIFO manifest.json")
     assert shards[0].samples == 1
 
+
+@pytest.mark.parametrize("spec", ["{https:/,x}/evil.example/s-0.tar", "https:{//evil.example/a,}.tar",
+                                  "data/a.tar::{pi,x}pe:touch PWNED"])
+def test_run_shards_sees_a_scheme_that_braces_hide(spec):
+    """has_scheme looked for '://' and 'pipe:' in the spec as written; list_shards brace-expands it first, so a
+    run folder's config could make evaluate fetch https://evil.example/... unasked."""
+    from types import SimpleNamespace
+    with pytest.raises(Untrusted, match="--shards"):
+        trust.run_shards("run", SimpleNamespace(data=SimpleNamespace(shards=spec)))
+
 # ---- drill 2: a received run folder's spool names a file outside it -------------------------------------------------
 def _spool_drill_folder(tmp_path):
     victim = tmp_path / "victim"
