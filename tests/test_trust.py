@@ -235,6 +235,21 @@ def test_run_shards_sees_a_scheme_that_braces_hide(spec):
     with pytest.raises(Untrusted, match="--shards"):
         trust.run_shards("run", SimpleNamespace(data=SimpleNamespace(shards=spec)))
 
+
+def test_a_fork_parents_config_is_read_through_the_door(tmp_path, monkeypatch):
+    """check_frozen read a fork parent's config.yaml (another, maybe received, run) with from_yaml_file: a
+    `${oc.env:...}` there was resolved and the reader's environment came back in the error message."""
+    from ebmscale.config import ConfigError, load_config, to_yaml
+    from ebmscale.train.main import check_frozen
+    monkeypatch.setenv("EBMSCALE_TEST_SECRET", "s3cr3t-value")
+    cfg = load_config("digits", [])
+    parent = OmegaConf.create(to_yaml(cfg))
+    parent.model.arch = "${oc.env:EBMSCALE_TEST_SECRET}"
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(parent))
+    with pytest.raises(ConfigError) as e:
+        check_frozen(cfg, tmp_path)
+    assert "s3cr3t-value" not in str(e.value)
+
 # ---- drill 2: a received run folder's spool names a file outside it -------------------------------------------------
 def _spool_drill_folder(tmp_path):
     victim = tmp_path / "victim"

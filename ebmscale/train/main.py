@@ -26,7 +26,8 @@ from omegaconf import OmegaConf
 
 from ebmscale import distributed, precision
 from ebmscale.buffer import build_buffer
-from ebmscale.config import ConfigError, flatten, from_yaml_file, run_dir, to_yaml
+from ebmscale.config import ConfigError, flatten, run_dir, to_yaml
+from ebmscale.trust import Untrusted, run_config
 from ebmscale.data import build_stream
 from ebmscale.log import get_logger, setup as setup_logging
 from ebmscale.models import build_model
@@ -78,7 +79,10 @@ def check_frozen(cfg, run: Path) -> None:
     """The keys that change what a checkpoint means must match the run folder being resumed (or forked)."""
     if not (run / "config.yaml").exists():
         return
-    old = from_yaml_file(run / "config.yaml")
+    try:  # a fork's parent may be a received run folder: read through the one door (no ${oc.env:...} etc.)
+        old = run_config(run)
+    except Untrusted as e:
+        raise ConfigError(str(e)) from None
     for key in FROZEN_KEYS:
         a, b = OmegaConf.select(old, key), OmegaConf.select(cfg, key)
         if a != b:
