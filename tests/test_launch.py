@@ -347,18 +347,25 @@ def test_local_launch_preempt_requeue_resume(tmp_path, digits_shards):
 
 
 @pytest.mark.slow
+
+
+def wait_for_selftest_step(proc, run: Path, step: int = 10, timeout_s: float = 240) -> None:
+    """Until rank 0 of a local selftest job logs `step`; the launcher's output in the error if it never does."""
+    deadline = time.time() + timeout_s
+    while f"[selftest] step {step}/" not in "".join(p.read_text(errors="replace")
+                                                   for p in run.glob("logs/submitit/*_0_log.out")):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"the local job did not start training:\n{proc.communicate()[0]}")
+        time.sleep(0.2)
+
+
 def test_local_launch_sigterm_stops_gracefully(tmp_path, digits_shards):
     """SIGTERM to the launcher (a CI timeout, `kill`): the tasks checkpoint and stop; no orphans."""
     run = tmp_path / "run"
     proc = _launch(["--local", "--nproc", "2", DIGITS, f"run.dir={run}", digits_shards, "train.steps=100000",
                     "train.log_every=10", "launcher.entry=ebmscale.launch.selftest:main"])
-    deadline = time.time() + 240
-    while "[selftest] step 10/" not in "".join(p.read_text(errors="replace")
-                                                for p in run.glob("logs/submitit/*_0_log.out")):
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise AssertionError(f"the local job did not start training:\n{proc.communicate()[0]}")
-        time.sleep(0.2)
+    wait_for_selftest_step(proc, run)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 3, out

@@ -400,20 +400,13 @@ def test_cifar10_batch_with_a_code_pickle_is_refused_unrun(tmp_path):
 @pytest.mark.slow
 def test_sigusr1_to_a_rank_under_the_launcher_checkpoints_and_stops(tmp_path, digits_shards):
     import signal
-    import time
 
-    from test_launch import DIGITS, _launch, _task_pids
+    from test_launch import DIGITS, _launch, _task_pids, wait_for_selftest_step
     run = tmp_path / "run"
     proc = _launch(["--local", "--nproc", "2", DIGITS, f"run.dir={run}", f"data.shards={digits_shards}/digits-"
                     "{000000..000003}.tar", "train.steps=100000", "train.log_every=10",
                     "launcher.entry=ebmscale.launch.selftest:main"])
-    deadline = time.time() + 240
-    while "[selftest] step 10/" not in "".join(p.read_text(errors="replace")
-                                                for p in run.glob("logs/submitit/*_0_log.out")):
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise AssertionError(f"the local job did not start training:\n{proc.communicate()[0]}")
-        time.sleep(0.2)
+    wait_for_selftest_step(proc, run)
     pids = _task_pids(run / "logs" / "submitit")
     assert len(pids) == 2, pids
     for pid in pids:  # `scancel --signal=USR1` reaches every task; before issue 23 its default action killed them
